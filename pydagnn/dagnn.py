@@ -12,7 +12,6 @@ Differences from the original, on purpose (see SPEC.md, "known defects"):
     ``accumulate_param_ders``), so a step never re-applies an old derivative;
   * derivatives do not depend on ``conserve_memory``.
 """
-import heapq
 import time
 
 import numpy as np
@@ -308,14 +307,29 @@ class DagNN:
             for v in self.layers[i].outputs:
                 produced_at[v] = pos
         for pos, i in enumerate(idx):
-            for v in self.layers[i].inputs:
+            route = [self.layers[i].route[0]] if self.layers[i].route else []
+            for v in self.layers[i].inputs + route:
                 if produced_at.get(v, -1) > pos:
                     raise ValueError(f'execution order runs layer {self.layers[i].name!r} before the '
                                      f'layer producing its input {v!r}')
         self._order = idx
         self._pending_order = None
 
+    def set_route(self, layer, gate_var, index):
+        """Make ``layer`` run only on the images whose gating mask (``gate_var``'s second
+        value, K x N) selects component ``index`` (1-based); None clears the route."""
+        entry = self.get_layer(layer)
+        entry.route = None if gate_var is None else (str(gate_var), int(index))
+        self._dirty = True
+
     def _rebuild(self):
+        routes = tuple(l.route for l in self.layers)
+        if routes != getattr(self, '_route_sig', None):
+            self._route_sig = routes
+            self._dirty = True
+            if self._order is not None:  # keep a custom order if it stays valid
+                self._pending_order = [self.layers[i].name for i in self._order]
+            self._order = None
         if not self._dirty:
             return
         for v in self.vars:
@@ -338,7 +352,7 @@ class DagNN:
                 producers = [l.name for l in self.layers if v.name in l.outputs]
                 raise ValueError(f'var {v.name!r} is produced by several layers: {producers}')
         self._dirty = False
-        pending = getattr(self, '_pending_order', None)
+        pending = self._pending_order
         if self._order is None or len(self._order) != len(self.layers):
             self._order = self._topological_order()
             if pending and len(pending) == len(self.layers):
@@ -349,31 +363,38 @@ class DagNN:
         self._pending_order = None
 
     def _topological_order(self):
-        """Kahn's algorithm, preferring the order in which layers were added."""
-        producer = {}
+        """MatConvNet's ``getOrder``: each layer's height (1 + the largest height of the
+        layers consuming its outputs), layers sorted by decreasing height, ties by index.
+        Reproducing it exactly matters: saved GM models store this order."""
+        consumers = [[] for _ in self.vars]
         for i, l in enumerate(self.layers):
-            for v in l.output_indexes:
-                producer[v] = i
-        deps = [set(producer[v] for v in l.input_indexes if v in producer) for l in self.layers]
-        children = [[] for _ in self.layers]
-        for i, d in enumerate(deps):
-            for j in d:
-                children[j].append(i)
-        count = [len(d) for d in deps]
-        heap = [i for i, c in enumerate(count) if c == 0]
-        heapq.heapify(heap)
-        order = []
-        while heap:
-            i = heapq.heappop(heap)
-            order.append(i)
-            for c in children[i]:
-                count[c] -= 1
-                if count[c] == 0:
-                    heapq.heappush(heap, c)
-        if len(order) != len(self.layers):
-            cyc = [self.layers[i].name for i, c in enumerate(count) if c > 0]
-            raise ValueError(f'the network graph contains a cycle through layers {cyc}')
-        return order
+            gate = [self._var_map[l.route[0]]] if l.route and l.route[0] in self._var_map else []
+            for v in list(l.input_indexes) + gate:  # a route reads its gate var
+                consumers[v].append(i)
+        height = [0] * len(self.layers)
+        state = [0] * len(self.layers)  # 0 new, 1 open, 2 done
+        for root in range(len(self.layers)):
+            if state[root]:
+                continue
+            stack = [(root, iter(self._children(root, consumers)))]
+            state[root] = 1
+            while stack:
+                node, it = stack[-1]
+                child = next(it, None)
+                if child is None:
+                    stack.pop()
+                    height[node] = 1 + max((height[c] for c in self._children(node, consumers)), default=0)
+                    state[node] = 2
+                elif state[child] == 1:
+                    cyc = [self.layers[n].name for n, _ in stack]
+                    raise ValueError(f'the network graph contains a cycle through layers {cyc}')
+                elif state[child] == 0:
+                    state[child] = 1
+                    stack.append((child, iter(self._children(child, consumers))))
+        return sorted(range(len(self.layers)), key=lambda i: -height[i])
+
+    def _children(self, layer_index, consumers):
+        return [c for o in self.layers[layer_index].output_indexes for c in consumers[o]]
 
     # ------------------------------------------------------------------ params
     def init_params(self, rng=None, dtype=np.float32):

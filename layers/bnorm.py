@@ -1,0 +1,225 @@
+"""Batch normalization: ``vl_nnbnorm`` and ``dagnn.BatchNorm``.
+
+For a map ``x`` (H x W x C x N) with per-channel gain ``g`` and bias ``b``:
+``y = g * (x - mu) / sigma + b`` where ``mu`` and ``sigma = sqrt(var + epsilon)`` are
+either the batch statistics over (H, W, N) (``var`` the biased, 1/M variance) or the
+given ``moments`` (a ``C x 2`` array ``[mu, sigma]``, epsilon already included).
+
+Backward follows the original CPU code (``bits/impl/bnorm_cpu.cpp``): with moments
+``[mu, sigma]`` (the batch ones, or the given ones)
+
+    db = sum(dy)
+    dg = sum(dy * (x - mu)) / sigma
+    dx = g/sigma * (dy - db/M) - g/sigma * dg/(M*sigma) * (x - mu)
+
+which is the exact derivative of the batch-statistics forward when the moments are
+the batch moments. With *given* moments the original still applies this formula (it
+is not the derivative of the given-moments forward); :func:`bnorm_backward` does the
+same, so that it matches ``vl_nnbnorm(x, g, b, dzdy, 'moments', m)``. The fourth
+output is the moments used (the recomputed batch moments, or the given ones).
+
+The statistics are computed in the input dtype (float32 in practice) with a
+two-pass variance (mean first, then the mean of the squared deviations); the
+original uses one pass (``E[x^2] - mu^2``). Both agree to float32 rounding unless
+``|mu| >> sigma``, where the two-pass form is the accurate one.
+"""
+import numpy as np
+
+from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer, register
+
+__all__ = ['bnorm_moments', 'bnorm_forward', 'bnorm_backward', 'bnorm_backward_fixed_moments',
+           'BatchNorm']
+
+
+def _check(x, g, b, moments, op):
+    if x.ndim > 4:
+        raise ValueError(f'{op}: x must be H x W x C x N, got shape {x.shape}')
+    if x.ndim < 4:
+        x = x.reshape(x.shape + (1,) * (4 - x.ndim))
+    C = x.shape[2]
+    for name, a in (('g', g), ('b', b)):
+        if a is not None and a.size != C:
+            raise ValueError(f'{op}: {name} has shape {a.shape} ({a.size} elements), '
+                             f'x has shape {x.shape} with {C} channels')
+    if moments is not None and moments.size != 2 * C:
+        raise ValueError(f'{op}: moments has shape {moments.shape}, expected ({C}, 2) '
+                         f'for x of shape {x.shape}')
+    return x
+
+
+def _ncm(x):
+    """(N, C, H*W) view of an H x W x C x N array (a view when x is F-contiguous)."""
+    H, W, C, N = x.shape
+    return x.T.reshape(N, C, W * H)
+
+
+def _back(a3, shape):
+    """(N, C, H*W) -> H x W x C x N, Fortran-contiguous."""
+    H, W, C, N = shape
+    return a3.reshape(N, C, W, H).T
+
+
+def _split_moments(moments, C):
+    xp = get_array_module(moments)
+    m = moments.reshape(C, 2, order='F') if moments.ndim != 2 or moments.shape != (C, 2) else moments
+    return xp.ascontiguousarray(m[:, 0]), xp.ascontiguousarray(m[:, 1])
+
+
+def bnorm_moments(x, epsilon=1e-5):
+    """Batch moments of ``x`` (H x W x C x N): ``(C, 2)`` array ``[mean, sqrt(var + epsilon)]``
+    with the biased variance over H, W and N, in x's dtype."""
+    x = _check(x, None, None, None, 'bnorm_moments')
+    mu, sigma, _ = _batch_stats(x, epsilon)
+    xp = get_array_module(x)
+    return xp.stack([mu, sigma], axis=1)
+
+
+def _batch_stats(x, epsilon):
+    xp = get_array_module(x)
+    x3 = _ncm(x)
+    M = x3.shape[0] * x3.shape[2]
+    if M == 0:
+        raise ValueError(f'bnorm: batch statistics of an empty batch (x shape {x.shape})')
+    mu = x3.sum(axis=(0, 2)) / x.dtype.type(M)
+    xm = x3 - mu[:, None]
+    var = (xm * xm).sum(axis=(0, 2)) / x.dtype.type(M)
+    sigma = xp.sqrt(var + x.dtype.type(epsilon))
+    return mu, sigma, xm
+
+
+def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
+    """``vl_nnbnorm`` forward.
+
+    x: H x W x C x N; g, b: C elements (any shape); moments: ``None`` (use the batch
+    statistics) or a ``C x 2`` array ``[mu, sigma]`` that is used as given (this is
+    'test' mode; ``test_mode=True`` only asserts that moments are given).
+    Returns ``(y, moments)``: y Fortran-contiguous, moments the ``(C, 2)`` moments used.
+    """
+    xp = get_array_module(x)
+    x = _check(x, g, b, moments, 'bnorm_forward')
+    C = x.shape[2]
+    dt = x.dtype
+    g = g.reshape(C).astype(dt, copy=False)
+    b = b.reshape(C).astype(dt, copy=False)
+    if moments is None:
+        if test_mode:
+            raise ValueError('bnorm_forward: test_mode needs the moments')
+        mu, sigma, xm = _batch_stats(x, epsilon)
+        out_moments = xp.stack([mu, sigma], axis=1)
+    else:
+        moments = moments.astype(dt, copy=False)
+        mu, sigma = _split_moments(moments, C)
+        xm = _ncm(x) - mu[:, None]
+        out_moments = moments.reshape(C, 2, order='F') if moments.shape != (C, 2) else moments
+    y3 = xm if moments is None else xm   # xm is a fresh temporary either way: reuse it
+    y3 *= (g / sigma)[:, None]
+    y3 += b[:, None]
+    return _back(y3, x.shape), out_moments
+
+
+def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
+    """``vl_nnbnorm`` backward: ``(dx, dg, db, moments)``.
+
+    Without moments the batch moments are recomputed (and returned as the 4th output);
+    with moments (``C x 2``) the original's formula is applied with those moments and
+    they are returned unchanged (``vl_nnbnorm(x, g, b, dy, 'moments', m)``).
+    dg, db have g's and b's shapes; dx is Fortran-contiguous.
+    """
+    xp = get_array_module(x)
+    x = _check(x, g, b, moments, 'bnorm_backward')
+    if dy.size != x.size:
+        raise ValueError(f'bnorm_backward: dy has shape {dy.shape}, x has shape {x.shape}')
+    C = x.shape[2]
+    dt = x.dtype
+    dy = dy.reshape(x.shape, order='A' if dy.ndim == 4 else 'F').astype(dt, copy=False)
+    gv = g.reshape(C).astype(dt, copy=False)
+    if moments is None:
+        mu, sigma, xm = _batch_stats(x, epsilon)
+        out_moments = xp.stack([mu, sigma], axis=1)
+    else:
+        moments = moments.astype(dt, copy=False)
+        mu, sigma = _split_moments(moments, C)
+        xm = _ncm(x) - mu[:, None]
+        out_moments = moments.reshape(C, 2, order='F') if moments.shape != (C, 2) else moments
+    dy3 = _ncm(dy)
+    M = dy3.shape[0] * dy3.shape[2]
+    db = dy3.sum(axis=(0, 2))
+    dg = (dy3 * xm).sum(axis=(0, 2)) / sigma
+    G1 = gv / sigma
+    G2 = G1 * dg / (dt.type(M) * sigma)
+    muz = db / dt.type(M)
+    # dx = G1 * (dy - muz) - G2 * (x - mu), reusing the xm temporary
+    xm *= -G2[:, None]
+    xm += G1[:, None] * (dy3 - muz[:, None])
+    dx = _back(xm, x.shape)
+    return dx, dg.reshape(g.shape), db.reshape(b.shape), out_moments
+
+
+def bnorm_backward_fixed_moments(x, g, b, dy, moments):
+    """Exact derivative of the given-moments forward ``y = g (x - mu)/sigma + b``
+    (moments treated as constants): ``(dx, dg, db)`` with ``dx = g/sigma * dy``.
+    Used by :class:`BatchNorm` in 'test' mode."""
+    x = _check(x, g, b, moments, 'bnorm_backward_fixed_moments')
+    C = x.shape[2]
+    dt = x.dtype
+    dy = dy.reshape(x.shape, order='A' if dy.ndim == 4 else 'F').astype(dt, copy=False)
+    mu, sigma = _split_moments(moments.astype(dt, copy=False), C)
+    dy3 = _ncm(dy)
+    db = dy3.sum(axis=(0, 2))
+    dg = (dy3 * (_ncm(x) - mu[:, None])).sum(axis=(0, 2)) / sigma
+    dx3 = dy3 * (g.reshape(C).astype(dt, copy=False) / sigma)[:, None]
+    return _back(dx3, x.shape), dg.reshape(g.shape), db.reshape(b.shape)
+
+
+@register('dagnn.BatchNorm')
+class BatchNorm(Layer):
+    """``dagnn.BatchNorm``: inputs [x], params [g, b, moments], outputs [y].
+
+    'normal' mode normalizes with the batch statistics; 'test' mode with the stored
+    moments (param 3). Backward in 'normal' mode returns dx, dg, db and, as the
+    "derivative" of the moments, the batch moments times N (images), exactly as
+    ``dagnn.BatchNorm`` does (the 'average' update divides by the batch size again).
+    Backward in 'test' mode (the original cannot run it: it passes empty moments to
+    vl_nnbnorm) returns the exact derivative of the test-mode forward for x, g and b,
+    and no moments derivative.
+    """
+    properties = {'numChannels': None, 'epsilon': 1e-5, 'opts': ['NoCuDNN']}
+
+    def _eps(self):
+        return float(np.asarray(self.epsilon).reshape(-1)[0])
+
+    def forward(self, inputs, params):
+        x = inputs[0]
+        g, b, m = params[0], params[1], params[2]
+        if self.mode == 'test':
+            y, _ = bnorm_forward(x, g, b, moments=m, epsilon=self._eps(), test_mode=True)
+        else:
+            y, _ = bnorm_forward(x, g, b, epsilon=self._eps())
+        return [y]
+
+    def backward(self, inputs, params, der_outputs, outputs):
+        x = inputs[0]
+        g, b, m = params[0], params[1], params[2]
+        dy = der_outputs[0]
+        if self.mode == 'test':
+            dx, dg, db = bnorm_backward_fixed_moments(x, g, b, dy, m)
+            return [dx], [dg, db, None]
+        dx, dg, db, mom = bnorm_backward(x, g, b, dy, epsilon=self._eps())
+        n = x.shape[3] if x.ndim == 4 else 1
+        dm = (mom * x.dtype.type(n)).reshape(m.shape, order='F')
+        return [dx], [dg, db, dm]
+
+    def get_output_sizes(self, input_sizes):
+        return [input_sizes[0]]
+
+    def init_params(self, rng, dtype=np.float32):
+        if self.numChannels is None:
+            raise ValueError('BatchNorm.init_params: numChannels is not set')
+        C = int(np.asarray(self.numChannels).reshape(-1)[0])
+        return [np.ones(C, dtype), np.zeros(C, dtype), np.zeros((C, 2), dtype, order='F')]
+
+    def param_defaults(self):
+        # BatchNorm.m attach(): only the moments change (trainMethod 'average',
+        # learningRate 0.1); g, b and the moments keep addParam's weightDecay 1.
+        return [{}, {}, {'train_method': 'average', 'learning_rate': 0.1}]

@@ -1,0 +1,399 @@
+"""Convolution (MatConvNet's ``vl_nnconv`` and ``dagnn.Conv``), CPU.
+
+``conv_forward(x, w, b=None, pad=0, stride=1, dilate=1) -> y``
+``conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1) -> (dx, dw, db)``
+
+Semantics (MatConvNet): ``x`` is ``H x W x C x N``, ``w`` is ``FH x FW x Cin x Cout``,
+``b`` has ``Cout`` entries (or is None / empty: no bias). Cross-correlation (no kernel
+flip) with zero padding ``pad`` = p, [vertical horizontal] or [top bottom left right],
+``stride`` = s or [sy sx], ``dilate`` = d or [dy dx]. Output
+``Ho = floor((H + pt + pb - ((FH-1)*dy + 1)) / sy) + 1`` (same for Wo).
+Grouped convolution as in ``vl_nnconv``: when ``C`` is a multiple of ``Cin``, the
+``G = C / Cin`` groups of input channels are convolved with consecutive groups of
+``Cout / G`` filters.
+
+Implementation: Fortran-order maps (``x.T`` is a C-contiguous ``(N, C, W, H)`` view).
+1x1 stride-1 unpadded convolutions and "fully connected" ones (a filter covering the
+whole unpadded input) are GEMMs on the input itself, without any copy. Everything else
+is im2col (numba) + one GEMM per chunk of images, with chunks sized so the column matrix
+stays in cache; the backward pass is one GEMM for ``dw`` and one for ``dx`` per chunk,
+then col2im (numba). The dtype of ``x`` is kept (float32 or float64); the results are
+Fortran-contiguous.
+"""
+import math
+
+import numpy as np
+
+from pydagnn.layer import Layer, register
+from pydagnn.layers.kernels import im2col_cpu as _k
+
+__all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'parse_pair', 'Conv']
+
+#: target size in bytes of the im2col buffer of one chunk of images (fits the L3 cache)
+COL_CHUNK_BYTES = 4 << 20
+
+
+# --------------------------------------------------------------------------- options
+def _ints(v, name, op):
+    """Flatten an option (number, list, numpy array of any shape) to a tuple of ints."""
+    if v is None:
+        raise ValueError(f'{op}: {name} is None')
+    a = np.asarray(v, dtype=np.float64).ravel()
+    if a.size and not np.all(a == np.round(a)):
+        raise ValueError(f'{op}: {name} must be integers, got {a.tolist()}')
+    return tuple(int(t) for t in a)
+
+
+def parse_pad(pad, op='conv'):
+    """pad as 1, 2 ([vertical horizontal]) or 4 ([top bottom left right]) numbers
+    -> (top, bottom, left, right)."""
+    p = _ints(pad, 'pad', op)
+    if len(p) == 1:
+        p = p * 4
+    elif len(p) == 2:
+        p = (p[0], p[0], p[1], p[1])
+    elif len(p) != 4:
+        raise ValueError(f'{op}: pad must have 1, 2 or 4 elements, got {list(p)}')
+    if min(p) < 0:
+        raise ValueError(f'{op}: pad must be non-negative, got {list(p)}')
+    return p
+
+
+def parse_pair(v, name, op='conv'):
+    """stride / dilate / pool size as 1 or 2 numbers -> (vertical, horizontal), each >= 1."""
+    p = _ints(v, name, op)
+    if len(p) == 1:
+        p = p * 2
+    elif len(p) != 2:
+        raise ValueError(f'{op}: {name} must have 1 or 2 elements, got {list(p)}')
+    if min(p) < 1:
+        raise ValueError(f'{op}: {name} must be >= 1, got {list(p)}')
+    return p
+
+
+def conv_output_size(H, W, FH, FW, pad=0, stride=1, dilate=1):
+    """(Ho, Wo) of a convolution, MatConvNet's formula."""
+    pt, pb, pl, pr = parse_pad(pad)
+    sy, sx = parse_pair(stride, 'stride')
+    ry, rx = parse_pair(dilate, 'dilate')
+    fhe = (FH - 1) * ry + 1
+    fwe = (FW - 1) * rx + 1
+    return (H + pt + pb - fhe) // sy + 1, (W + pl + pr - fwe) // sx + 1
+
+
+def _as4d(a, name, op):
+    a = np.asarray(a)
+    if a.ndim > 4:
+        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
+    if a.ndim < 4:   # MATLAB drops trailing singleton dimensions
+        a = a.reshape(a.shape + (1,) * (4 - a.ndim), order='F')
+    return a
+
+
+def _fortran(a, dtype):
+    """``a`` as a Fortran-contiguous array of ``dtype`` (no copy when it already is one)."""
+    return np.asarray(a, dtype=dtype, order='F') if not (a.dtype == dtype and a.flags.f_contiguous) \
+        else a
+
+
+class _Geom:
+    """Checked shapes and options of one convolution call."""
+
+    def __init__(self, x, w, b, pad, stride, dilate, op):
+        x = _as4d(x, 'x', op)
+        w = _as4d(w, 'filters', op)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        self.dtype = x.dtype
+        self.H, self.W, self.C, self.N = x.shape
+        self.FH, self.FW, self.Cin, self.Cout = w.shape
+        self.pt, self.pb, self.pl, self.pr = parse_pad(pad, op)
+        self.sy, self.sx = parse_pair(stride, 'stride', op)
+        self.ry, self.rx = parse_pair(dilate, 'dilate', op)
+        if min(w.shape) < 1:
+            raise ValueError(f'{op}: empty filter bank, shape {w.shape}')
+        if self.C % self.Cin != 0:
+            raise ValueError(f'{op}: x has {self.C} channels (shape {x.shape}), filters expect '
+                             f'{self.Cin} (shape {w.shape}) or a multiple of it')
+        self.G = self.C // self.Cin
+        if self.Cout % self.G != 0:
+            raise ValueError(f'{op}: grouped convolution: x has {self.C} channels = {self.G} groups of '
+                             f'{self.Cin}, but the {self.Cout} filters (shape {w.shape}) do not divide '
+                             f'into {self.G} groups')
+        self.fhe = (self.FH - 1) * self.ry + 1
+        self.fwe = (self.FW - 1) * self.rx + 1
+        if self.H + self.pt + self.pb < self.fhe or self.W + self.pl + self.pr < self.fwe:
+            raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) are larger '
+                             f'than the padded input: x shape {x.shape}, pad '
+                             f'{[self.pt, self.pb, self.pl, self.pr]}')
+        self.Ho = (self.H + self.pt + self.pb - self.fhe) // self.sy + 1
+        self.Wo = (self.W + self.pl + self.pr - self.fwe) // self.sx + 1
+        self.P = self.Ho * self.Wo
+        self.Kg = self.Cin * self.FW * self.FH
+        self.K = self.C * self.FW * self.FH
+        self.x = _fortran(x, self.dtype)
+        self.w = _fortran(w, self.dtype)
+        self.w_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else self.dtype
+        self.b = None
+        self.b_dtype = None
+        if b is not None and np.size(b) > 0:
+            barr = np.asarray(b)
+            if barr.size != self.Cout:
+                raise ValueError(f'{op}: bias has {barr.size} elements (shape {barr.shape}), '
+                                 f'expected {self.Cout} (filters {w.shape})')
+            self.b_dtype = barr.dtype if np.issubdtype(barr.dtype, np.floating) else self.dtype
+            self.b = np.ascontiguousarray(barr.reshape(-1), dtype=self.dtype)
+        nopad = self.pt == self.pb == self.pl == self.pr == 0
+        # the column matrix of every image is the image itself: one GEMM on x
+        self.fc = (nopad and self.G == 1 and self.fhe == self.H and self.fwe == self.W
+                   and self.ry == 1 and self.rx == 1)
+        self.pointwise = (nopad and self.G == 1 and self.FH == 1 and self.FW == 1
+                          and self.sy == 1 and self.sx == 1)
+
+    @property
+    def out_shape(self):
+        return (self.Ho, self.Wo, self.Cout, self.N)
+
+    def wmat(self):
+        """Filters as the (Cout, Kg) matrix (a view of the Fortran array)."""
+        return self.w.T.reshape(self.Cout, self.Kg)
+
+    def chunk(self):
+        """Images per im2col chunk."""
+        per_image = max(1, self.K * self.P * self.dtype.itemsize)
+        return max(1, min(self.N, COL_CHUNK_BYTES // per_image))
+
+    def kargs(self):
+        return (self.FH, self.FW, self.Ho, self.Wo, self.pt, self.pl, self.sy, self.sx, self.ry, self.rx)
+
+
+def _view(flat, rows, cols):
+    """A C-contiguous (rows, cols) matrix at the start of a flat work buffer."""
+    return flat[:rows * cols].reshape(rows, cols)
+
+
+# --------------------------------------------------------------------------- forward
+def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
+    """MatConvNet ``vl_nnconv(x, w, b, 'pad', pad, 'stride', stride, 'dilate', dilate)``.
+
+    x: (H, W, C, N); w: (FH, FW, Cin, Cout) with C a multiple of Cin (groups); b: Cout
+    values or None/empty. Returns y (Ho, Wo, Cout, N), Fortran-contiguous, x's dtype.
+    """
+    g = _Geom(x, w, b, pad, stride, dilate, 'conv_forward')
+    y = np.empty(g.out_shape, dtype=g.dtype, order='F')
+    if g.N == 0:
+        return y
+    yT3 = y.T.reshape(g.N, g.Cout, g.P)
+    xT = g.x.T
+    wm = g.wmat()
+    if g.fc:
+        # every image is one row of x.T: y.T (N, Cout) = X (N, K) @ Wm.T
+        np.matmul(xT.reshape(g.N, g.K), wm.T, out=yT3.reshape(g.N, g.Cout))
+    elif g.pointwise:
+        np.matmul(wm, xT.reshape(g.N, g.C, g.P), out=yT3)
+    elif _conv_forward_im2col(g, xT, wm, yT3):
+        return y   # the bias was added while copying the GEMM results out
+    if g.b is not None:
+        _k.add_bias(yT3, g.b)
+    return y
+
+
+def _conv_forward_im2col(g, xT, wm, yT3):
+    """im2col + GEMM per chunk of images. Returns True when the bias has been added."""
+    nc = g.chunk()
+    P, Cog, Kg = g.P, g.Cout // g.G, g.Kg
+    col = np.empty(g.K * nc * P, dtype=g.dtype)
+    direct = nc == 1 and g.G == 1   # GEMM straight into the output, bias added afterwards
+    tmp = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
+    bias = g.b if g.b is not None else np.zeros(0, dtype=g.dtype)
+    for n0 in range(0, g.N, nc):
+        m = min(nc, g.N - n0)
+        c = _view(col, g.K, m * P)
+        _k.im2col(xT, c, n0, *g.kargs())
+        if direct:
+            np.matmul(wm, c, out=yT3[n0])
+            continue
+        t = _view(tmp, g.Cout, m * P)
+        for gi in range(g.G):
+            np.matmul(wm[gi * Cog:(gi + 1) * Cog], c[gi * Kg:(gi + 1) * Kg],
+                      out=t[gi * Cog:(gi + 1) * Cog])
+        _k.cols_to_batch(t, yT3, n0, bias, g.b is not None)
+    return not direct
+
+
+# --------------------------------------------------------------------------- backward
+def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
+    """Derivatives of ``conv_forward`` projected on ``dy`` (Ho, Wo, Cout, N).
+
+    Returns ``(dx, dw, db)``: dx like x (x's dtype), dw like w, db of shape (Cout,)
+    (None when b is None or empty). All Fortran-contiguous.
+    """
+    g = _Geom(x, w, b, pad, stride, dilate, 'conv_backward')
+    dy = _as4d(dy, 'dy', 'conv_backward')
+    if dy.shape != g.out_shape:
+        raise ValueError(f'conv_backward: dy has shape {dy.shape}, expected {g.out_shape} '
+                         f'(x {g.x.shape}, filters {g.w.shape})')
+    dy = _fortran(dy, g.dtype)
+    N, P = g.N, g.P
+    dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
+    dw = np.empty(g.w.shape, dtype=g.dtype, order='F')
+    db = None
+    if g.b is not None:
+        db = np.empty(g.Cout, dtype=g.dtype)
+    if N == 0:
+        dw[...] = 0
+        if db is not None:
+            db[...] = 0
+        return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
+    xT, dxT, dyT = g.x.T, dx.T, dy.T
+    dyT3 = dyT.reshape(N, g.Cout, P)
+    wm = g.wmat()
+    dwm = dw.T.reshape(g.Cout, g.Kg)
+    if db is not None:
+        _k.bias_grad(dyT3, db)
+    if g.fc:
+        x2 = xT.reshape(N, g.K)
+        dy2 = dyT3.reshape(N, g.Cout)
+        np.matmul(dy2, wm, out=dxT.reshape(N, g.K))
+        np.matmul(dy2.T, x2, out=dwm)
+    elif g.pointwise:
+        np.matmul(wm.T, dyT3, out=dxT.reshape(N, g.C, P))
+        _pointwise_dw(g, xT.reshape(N, g.C, P), dyT3, dwm)
+    else:
+        _conv_backward_im2col(g, xT, dxT, dyT3, wm, dwm)
+    return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
+
+
+def _cast(a, dtype):
+    return None if a is None else a.astype(dtype, copy=False)
+
+
+def _pointwise_dw(g, x3, dyT3, dwm):
+    """dW (Cout, C) = sum_n dY_n (Cout, P) @ X_n.T (P, C): one GEMM per chunk of images,
+    after packing the chunk's dY and X side by side (cheap next to the GEMM)."""
+    N, P = g.N, g.P
+    per_image = (g.C + g.Cout) * P * g.dtype.itemsize
+    nc = max(1, min(N, COL_CHUNK_BYTES // per_image))
+    if nc == 1:
+        # per-image GEMMs: the batched product then a sum over the images
+        if N == 1:
+            np.matmul(dyT3[0], x3[0].T, out=dwm)
+            return
+        acc = np.matmul(dyT3, x3.transpose(0, 2, 1))
+        np.sum(acc, axis=0, out=dwm)
+        return
+    xc = np.empty(g.C * nc * P, dtype=g.dtype)
+    dc = np.empty(g.Cout * nc * P, dtype=g.dtype)
+    part = np.empty_like(dwm)
+    first = True
+    for n0 in range(0, N, nc):
+        m = min(nc, N - n0)
+        xcm, dcm = _view(xc, g.C, m * P), _view(dc, g.Cout, m * P)
+        _k.batch_to_cols(x3, xcm, n0)
+        _k.batch_to_cols(dyT3, dcm, n0)
+        if first:
+            np.matmul(dcm, xcm.T, out=dwm)
+            first = False
+        else:
+            np.matmul(dcm, xcm.T, out=part)
+            dwm += part
+
+
+def _conv_backward_im2col(g, xT, dxT, dyT3, wm, dwm):
+    N, P, Cog, Kg = g.N, g.P, g.Cout // g.G, g.Kg
+    nc = g.chunk()
+    col = np.empty(g.K * nc * P, dtype=g.dtype)
+    direct = nc == 1
+    dyc = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
+    part = np.empty_like(dwm)
+    first = True
+    for n0 in range(0, N, nc):
+        m = min(nc, N - n0)
+        c = _view(col, g.K, m * P)
+        _k.im2col(xT, c, n0, *g.kargs())
+        if direct:
+            d = dyT3[n0]
+        else:
+            d = _view(dyc, g.Cout, m * P)
+            _k.batch_to_cols(dyT3, d, n0)
+        for gi in range(g.G):
+            rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+            if first:
+                np.matmul(d[rs], c[ks].T, out=dwm[rs])
+            else:
+                np.matmul(d[rs], c[ks].T, out=part[rs])
+        if not first:
+            dwm += part
+        first = False
+        # dcol = W.T @ dY, written over the column buffer, then folded back
+        for gi in range(g.G):
+            rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+            np.matmul(wm[rs].T, d[rs], out=c[ks])
+        _k.col2im(c, dxT, n0, *g.kargs())
+
+
+# --------------------------------------------------------------------------- block
+def _flag(v):
+    """A MATLAB logical as loaded (bool, 0/1, uint8 array) -> bool."""
+    a = np.asarray(v).ravel()
+    if a.size == 0:
+        return False
+    return bool(a[0])
+
+
+@register('dagnn.Conv')
+class Conv(Layer):
+    """``dagnn.Conv``: inputs [x], params [filters] or [filters, biases], outputs [y]."""
+    properties = {
+        'size': [0, 0, 0, 0],
+        'hasBias': True,
+        'opts': [],
+        'pad': 0,
+        'stride': 1,
+        'dilate': 1,
+    }
+
+    def _size4(self):
+        s = [int(v) for v in np.asarray(self.size, dtype=np.float64).ravel()]
+        return (s + [1, 1, 1, 1])[:4]
+
+    def _bias(self, params):
+        if _flag(self.hasBias) and len(params) > 1 and params[1] is not None and np.size(params[1]) > 0:
+            return params[1]
+        return None
+
+    def forward(self, inputs, params):
+        return [conv_forward(inputs[0], params[0], self._bias(params),
+                             pad=self.pad, stride=self.stride, dilate=self.dilate)]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        b = self._bias(params)
+        dx, dw, db = conv_backward(inputs[0], params[0], b, der_outputs[0],
+                                   pad=self.pad, stride=self.stride, dilate=self.dilate)
+        der_params = [dw] + [None] * (len(params) - 1)
+        if b is not None:
+            der_params[1] = db.reshape(np.shape(params[1]))
+        return [dx], der_params
+
+    def get_output_sizes(self, input_sizes):
+        s = input_sizes[0] if input_sizes else None
+        if s is None:
+            return [None]
+        s = tuple(s) + (1,) * (4 - len(s))
+        fh, fw, _, cout = self._size4()
+        pt, pb, pl, pr = parse_pad(self.pad, 'Conv')
+        sy, sx = parse_pair(self.stride, 'stride', 'Conv')
+        ry, rx = parse_pair(self.dilate, 'dilate', 'Conv')
+        fhe, fwe = (fh - 1) * ry + 1, (fw - 1) * rx + 1
+        # MATLAB's fix(): truncation towards zero
+        ho = math.trunc((s[0] + pt + pb - fhe) / sy) + 1
+        wo = math.trunc((s[1] + pl + pr - fwe) / sx) + 1
+        return [(ho, wo, cout, s[3])]
+
+    def init_params(self, rng, dtype=np.float32):
+        fh, fw, cin, cout = self._size4()
+        sc = math.sqrt(2.0 / (fh * fw * cin))
+        f = np.asfortranarray((rng.standard_normal((fh, fw, cin, cout)) * sc).astype(dtype))
+        if _flag(self.hasBias):
+            return [f, np.zeros(cout, dtype=dtype)]
+        return [f]
