@@ -112,7 +112,7 @@ def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
         mu, sigma = _split_moments(moments, C)
         xm = _ncm(x) - mu[:, None]
         out_moments = moments.reshape(C, 2, order='F') if moments.shape != (C, 2) else moments
-    y3 = xm if moments is None else xm   # xm is a fresh temporary either way: reuse it
+    y3 = xm   # a fresh temporary in both branches: normalize in place
     y3 *= (g / sigma)[:, None]
     y3 += b[:, None]
     return _back(y3, x.shape), out_moments
@@ -132,7 +132,9 @@ def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
         raise ValueError(f'bnorm_backward: dy has shape {dy.shape}, x has shape {x.shape}')
     C = x.shape[2]
     dt = x.dtype
-    dy = dy.reshape(x.shape, order='A' if dy.ndim == 4 else 'F').astype(dt, copy=False)
+    if dy.shape != x.shape:
+        dy = dy.reshape(x.shape, order='F')
+    dy = dy.astype(dt, copy=False)
     gv = g.reshape(C).astype(dt, copy=False)
     if moments is None:
         mu, sigma, xm = _batch_stats(x, epsilon)
@@ -163,7 +165,11 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     x = _check(x, g, b, moments, 'bnorm_backward_fixed_moments')
     C = x.shape[2]
     dt = x.dtype
-    dy = dy.reshape(x.shape, order='A' if dy.ndim == 4 else 'F').astype(dt, copy=False)
+    if dy.size != x.size:
+        raise ValueError(f'bnorm_backward_fixed_moments: dy has shape {dy.shape}, x has shape {x.shape}')
+    if dy.shape != x.shape:
+        dy = dy.reshape(x.shape, order='F')
+    dy = dy.astype(dt, copy=False)
     mu, sigma = _split_moments(moments.astype(dt, copy=False), C)
     dy3 = _ncm(dy)
     db = dy3.sum(axis=(0, 2))

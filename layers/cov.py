@@ -1,0 +1,377 @@
+"""iSQRT-COV second-order pooling: ``vl_nncov_pool``, ``vl_nncov_traceNorm`` and
+``vl_nncov_sqrtm`` (GM-SOP's ``bits/impl/cov_*_cpu.cpp``), and their DagNN blocks
+``dagnn.OBJ_ConvNet_COV_Pool``, ``dagnn.OBJ_ConvNet_Cov_TraceNorm``,
+``dagnn.OBJ_ConvNet_Cov_Sqrtm`` and ``dagnn.OBJ_ConvNet_COV_ScaleTr``.
+
+For one image let X be the ``M x d`` matrix of the input (M = H*W positions, row
+``m = h + H*w``, d channels). The chain is
+
+* cov pool:    ``P = X' Ibar X``, ``Ibar = (I - 11'/M) / M``, symmetrised; ``d x d x 1 x N``.
+* trace norm:  ``A = P / tr(P)``; second output ``tr`` (``1 x 1 x 1 x N``).
+* sqrtm:       Newton-Schulz, ``Y0 = A, Z0 = I``; for k = 1..K-1 (K = iterNum):
+  ``T_k = (3I - Z_{k-1} Y_{k-1}) / 2``, ``Y_k = Y_{k-1} T_k``, ``Z_k = T_k Z_{k-1}``;
+  last step ``Y = coef * Y_{K-1} (3I - Z_{K-1} Y_{K-1}) / 2``. Output: the upper triangle
+  of Y (row <= column) taken column by column, ``1 x 1 x d(d+1)/2 x N``. The auxiliary
+  outputs ``_Y`` and ``_Z`` (``d x d x K x N``) hold what the original stores: slot k
+  (k = 1..K-1, 0-based) holds ``Y_k`` / ``Z_k``; slot 0 of ``_Z`` holds
+  ``Z_{K-1} Y_{K-1} - 3I`` (the original's last scratch product) and slot 0 of ``_Y``
+  is zero. (The original's mex is only defined for K >= 3; here K = 1 and 2 follow the
+  same formulas.)
+* scale tr:    ``y = sqrt(tr) * v``.
+
+Derivatives. ``sqrtm_backward`` is the exact derivative of the iteration above for any
+square A (transposes included, so it is also exact for non-symmetric perturbations);
+the original CPU code's scratch-matrix defect (SPEC 3) is not reproduced. The derivative
+of the vectorised output goes to the upper triangle of dY (lower triangle 0).
+``scale_tr_backward`` returns ``dtr = v . dy`` *without* the ``1/(2 sqrt(tr))`` factor;
+``trace_norm_backward`` applies it (``+ dtr / (2 sqrt(tr)) * I``), as the original pair
+does, so only the pair is the true derivative.
+
+All functions are batched over images (``xp.matmul`` on ``N x d x d`` stacks), accept
+any memory order, keep the dtype and return Fortran-contiguous arrays.
+"""
+import numpy as np
+
+from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer, register
+
+__all__ = ['cov_pool_forward', 'cov_pool_backward', 'trace_norm_forward', 'trace_norm_backward',
+           'sqrtm_forward', 'sqrtm_backward', 'scale_tr_forward', 'scale_tr_backward',
+           'triu_indices_colmajor',
+           'OBJ_ConvNet_COV_Pool', 'OBJ_ConvNet_Cov_TraceNorm', 'OBJ_ConvNet_Cov_Sqrtm',
+           'OBJ_ConvNet_COV_ScaleTr']
+
+
+# ---------------------------------------------------------------------------- helpers
+def _as4(a, name, op):
+    if a is None:
+        raise ValueError(f'{op}: {name} is missing')
+    if a.ndim > 4:
+        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
+    if a.ndim < 4:
+        a = a.reshape(a.shape + (1,) * (4 - a.ndim))
+    return a
+
+
+def _square(a, name, op):
+    """A ``d x d x 1 x N`` array -> (a, d, N)."""
+    a = _as4(a, name, op)
+    d, d2, one, N = a.shape
+    if d != d2 or one != 1:
+        raise ValueError(f'{op}: {name} must be d x d x 1 x N, got shape {a.shape}')
+    return a, d, N
+
+
+def _mats(a4):
+    """``d x d x 1 x N`` -> ``(N, d, d)`` view with ``[n, i, j] = a[i, j, 0, n]``."""
+    return a4[:, :, 0, :].transpose(2, 0, 1)
+
+
+def _from_mats(m):
+    """``(N, d, d)`` -> ``d x d x 1 x N`` Fortran-contiguous."""
+    xp = get_array_module(m)
+    N, d, _ = m.shape
+    return xp.asfortranarray(m.transpose(1, 2, 0)).reshape(d, d, 1, N, order='F')
+
+
+def _tr(m):
+    """Batched transpose of an ``(..., d, d)`` stack (a view)."""
+    return m.swapaxes(-1, -2)
+
+
+def triu_indices_colmajor(d, xp=np):
+    """(rows, cols) of the upper triangle (row <= col) of a ``d x d`` matrix in MATLAB's
+    column-major order (``Y(triu(true(d)))``): column 0 row 0, column 1 rows 0..1, ..."""
+    cols, rows = np.tril_indices(d)   # tril in row-major order = triu in column-major order
+    return xp.asarray(rows), xp.asarray(cols)
+
+
+def _int_option(v, name, op):
+    """A positive integer option (the mex casts to int and rejects <= 0)."""
+    a = np.asarray(v).ravel()
+    if a.size != 1:
+        raise ValueError(f'{op}: {name} must be a scalar, got {v!r}')
+    f = float(a[0])
+    if f != int(f) or f <= 0:
+        raise ValueError(f'{op}: {name} must be a positive integer, got {v!r}')
+    return int(f)
+
+
+# ---------------------------------------------------------------------------- cov pool
+def _positions(x):
+    """``H x W x d x N`` -> ``(N, d, M)`` (X' per image; a view when x is F-contiguous)."""
+    H, W, d, N = x.shape
+    return x.T.reshape(N, d, W * H)
+
+
+def cov_pool_forward(x):
+    """``P = X' Ibar X`` per image, symmetrised. x: ``H x W x d x N`` -> ``d x d x 1 x N``."""
+    x = _as4(x, 'x', 'cov_pool_forward')
+    H, W, d, N = x.shape
+    M = H * W
+    if M == 0:
+        raise ValueError(f'cov_pool_forward: empty spatial extent, x has shape {x.shape}')
+    xt = _positions(x)
+    xc = xt - xt.mean(axis=2, keepdims=True)
+    P = (xc @ _tr(xc)) * (1.0 / M)
+    P = (P + _tr(P)) * 0.5          # exactly symmetric: P.T holds the same matrices
+    return get_array_module(P).asfortranarray(P.T).reshape(d, d, 1, N, order='F')
+
+
+def cov_pool_backward(x, dP):
+    """``dX = 2 Ibar X sym(dP)`` per image. Returns dx shaped like x (``H x W x d x N``)."""
+    x = _as4(x, 'x', 'cov_pool_backward')
+    H, W, d, N = x.shape
+    dP, dd, dN = _square(dP, 'dP', 'cov_pool_backward')
+    if dd != d or dN != N:
+        raise ValueError(f'cov_pool_backward: dP has shape {dP.shape}, x has shape {x.shape}')
+    M = H * W
+    xt = _positions(x)
+    xc = xt - xt.mean(axis=2, keepdims=True)
+    G = _mats(dP)
+    S = (G + _tr(G)) * (1.0 / M)    # 2 * sym(dP) / M
+    dxt = S @ xc                    # (N, d, M): (Xc S)' per image
+    return get_array_module(dxt).asfortranarray(dxt.reshape(N, d, W, H).T)
+
+
+# ---------------------------------------------------------------------------- trace norm
+def trace_norm_forward(P):
+    """``A = P / tr(P)`` and ``tr`` (``1 x 1 x 1 x N``)."""
+    xp = get_array_module(P)
+    P, d, N = _square(P, 'P', 'trace_norm_forward')
+    tr = xp.trace(P, axis1=0, axis2=1).reshape(1, 1, 1, N)   # (1, N) -> 1 x 1 x 1 x N
+    A = xp.asfortranarray(P / tr)
+    return A, xp.asfortranarray(tr)
+
+
+def trace_norm_backward(P, tr, dA, dtr=None):
+    """``dP = dA / tr + (-(P . dA) / tr^2 + dtr / (2 sqrt(tr))) I``.
+
+    ``dtr`` is what arrives at the ``_tr`` output (from ``scale_tr_backward``: ``v . dy``);
+    ``None`` (no derivative) counts as zero, and so does ``dA = None``.
+    """
+    xp = get_array_module(P)
+    P, d, N = _square(P, 'P', 'trace_norm_backward')
+    if tr is None:
+        tr = trace_norm_forward(P)[1]
+    trv = tr.reshape(N)
+    if dA is None:
+        dP = xp.zeros(P.shape, dtype=P.dtype, order='F')
+        coef = xp.zeros(N, dtype=P.dtype)
+    else:
+        dA = _as4(dA, 'dA', 'trace_norm_backward')
+        if dA.shape != P.shape:
+            raise ValueError(f'trace_norm_backward: dA has shape {dA.shape}, P has shape {P.shape}')
+        dot = (P * dA).sum(axis=(0, 1, 2))
+        dP = xp.asfortranarray(dA / trv)
+        coef = -dot / (trv * trv)
+    if dtr is not None:
+        coef = coef + dtr.reshape(N) / (2 * xp.sqrt(trv))
+    i = xp.arange(d)
+    dP[i, i, 0, :] += coef[None, :]
+    return dP
+
+
+# ---------------------------------------------------------------------------- sqrtm
+def sqrtm_forward(A, coef=1, iter_num=3):
+    """Newton-Schulz square root. A: ``d x d x 1 x N`` ->
+    ``(y_vec 1 x 1 x d(d+1)/2 x N, Y d x d x iter_num x N, Z d x d x iter_num x N)``
+    (see the module docstring for what Y and Z hold)."""
+    xp = get_array_module(A)
+    A, d, N = _square(A, 'A', 'sqrtm_forward')
+    c = _int_option(coef, 'coef', 'sqrtm_forward')
+    K = _int_option(iter_num, 'iter_num', 'sqrtm_forward')
+    dt = A.dtype
+    I3 = 3 * xp.eye(d, dtype=dt)
+    Yaux = xp.zeros((d, d, K, N), dtype=dt, order='F')
+    Zaux = xp.zeros((d, d, K, N), dtype=dt, order='F')
+    Yv = Yaux.transpose(3, 2, 0, 1)          # (N, K, d, d) views for writing
+    Zv = Zaux.transpose(3, 2, 0, 1)
+    Y = _mats(A)
+    Z = None                                 # Z0 = I
+    for k in range(1, K):
+        T = (I3 - (Y if Z is None else Z @ Y)) * 0.5
+        Y = Y @ T
+        Z = T if Z is None else T @ Z
+        Yv[:, k] = Y
+        Zv[:, k] = Z
+    Mk = Y if Z is None else Z @ Y
+    Zv[:, 0] = Mk - I3
+    Yout = Y @ ((I3 - Mk) * (0.5 * c))
+    r, cc = triu_indices_colmajor(d, xp)
+    vec = Yout[:, r, cc]                     # (N, L)
+    L = d * (d + 1) // 2
+    y = xp.asfortranarray(vec.T).reshape(1, 1, L, N, order='F')
+    return y, Yaux, Zaux
+
+
+def sqrtm_backward(A, Y, Z, dy, coef=1, iter_num=3):
+    """Exact derivative of :func:`sqrtm_forward` with respect to A.
+
+    Y, Z: the auxiliary outputs of the forward (recomputed when ``None``).
+    dy: ``1 x 1 x d(d+1)/2 x N``. Returns dA, ``d x d x 1 x N``.
+    """
+    xp = get_array_module(A)
+    A, d, N = _square(A, 'A', 'sqrtm_backward')
+    c = _int_option(coef, 'coef', 'sqrtm_backward')
+    K = _int_option(iter_num, 'iter_num', 'sqrtm_backward')
+    L = d * (d + 1) // 2
+    if dy.size != L * N:
+        raise ValueError(f'sqrtm_backward: dy has shape {dy.shape}, expected (1, 1, {L}, {N}) '
+                         f'for A of shape {A.shape}')
+    if Y is None or Z is None:
+        _, Y, Z = sqrtm_forward(A, c, K)
+    for name, a in (('Y', Y), ('Z', Z)):
+        if a.shape != (d, d, K, N):
+            raise ValueError(f'sqrtm_backward: {name} has shape {a.shape}, expected {(d, d, K, N)} '
+                             f'(iter_num {K})')
+    dt = A.dtype
+    I3 = 3 * xp.eye(d, dtype=dt)
+    Am = _mats(A)
+    Yv = Y.transpose(3, 2, 0, 1)
+    Zv = Z.transpose(3, 2, 0, 1)
+    G = xp.zeros((N, d, d), dtype=dt)
+    r, cc = triu_indices_colmajor(d, xp)
+    G[:, r, cc] = dy.reshape(L, N, order='F').T
+    if c != 1:
+        G *= c
+    # last step: Yout = c/2 (3 Yp - Yp Zp Yp), Mk = Zp Yp (stored as Z slot 0 + 3I)
+    Mk = Zv[:, 0] + I3
+    if K == 1:
+        Yp, Zp = Am, None
+    else:
+        Yp, Zp = Yv[:, K - 1], Zv[:, K - 1]
+    W = _tr(Yp) @ G
+    gY = 1.5 * G - 0.5 * (G @ _tr(Mk) + (W if Zp is None else _tr(Zp) @ W))
+    gZ = None if Zp is None else -0.5 * (W @ _tr(Yp))
+    # steps k = K-1 .. 1: Y_k = Y_{k-1} T, Z_k = T Z_{k-1}, T = (3I - Z_{k-1} Y_{k-1}) / 2
+    for k in range(K - 1, 0, -1):
+        if k > 1:
+            Yp, Zp = Yv[:, k - 1], Zv[:, k - 1]
+            T = (I3 - Zp @ Yp) * 0.5
+            gT = _tr(Yp) @ gY + gZ @ _tr(Zp)
+            gY, gZ = gY @ _tr(T) - 0.5 * (_tr(Zp) @ gT), _tr(T) @ gZ - 0.5 * (gT @ _tr(Yp))
+        else:                                # Y0 = A, Z0 = I (constant)
+            T = (I3 - Am) * 0.5
+            gT = _tr(Am) @ gY + gZ
+            gY = gY @ _tr(T) - 0.5 * gT
+            gZ = None
+    return _from_mats(gY)
+
+
+# ---------------------------------------------------------------------------- scale tr
+def scale_tr_forward(v, tr):
+    """``y = sqrt(tr) * v``; v ``1 x 1 x L x N``, tr ``1 x 1 x 1 x N``."""
+    xp = get_array_module(v)
+    v = _as4(v, 'v', 'scale_tr_forward')
+    tr = _as4(tr, 'tr', 'scale_tr_forward')
+    if tr.size != v.shape[3]:
+        raise ValueError(f'scale_tr_forward: tr has shape {tr.shape}, v has shape {v.shape}')
+    return xp.asfortranarray(v * xp.sqrt(tr.reshape(1, 1, 1, -1)))
+
+
+def scale_tr_backward(v, tr, dy):
+    """``(dv, dtr) = (sqrt(tr) * dy, v . dy)`` -- dtr without ``1/(2 sqrt(tr))``, which
+    :func:`trace_norm_backward` applies."""
+    xp = get_array_module(v)
+    v = _as4(v, 'v', 'scale_tr_backward')
+    dy = _as4(dy, 'dy', 'scale_tr_backward')
+    if dy.shape != v.shape:
+        raise ValueError(f'scale_tr_backward: dy has shape {dy.shape}, v has shape {v.shape}')
+    tr4 = tr.reshape(1, 1, 1, -1)
+    dv = xp.asfortranarray(dy * xp.sqrt(tr4))
+    dtr = (v * dy).sum(axis=(0, 1, 2)).reshape(tr4.shape)
+    return dv, xp.asfortranarray(dtr)
+
+
+# ---------------------------------------------------------------------------- blocks
+_COV_PROPS = {'opts': ['cuDNN'], 'cudnn': ['CuDNN']}
+
+
+@register('dagnn.OBJ_ConvNet_COV_Pool')
+class OBJ_ConvNet_COV_Pool(Layer):
+    """Covariance pooling: input ``H x W x d x N`` -> ``d x d x 1 x N``.
+    ``opts``/``cudnn`` are stored for file compatibility only."""
+    properties = dict(_COV_PROPS)
+
+    def forward(self, inputs, params):
+        return [cov_pool_forward(inputs[0])]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        if der_outputs[0] is None:
+            return [None], []
+        return [cov_pool_backward(inputs[0], der_outputs[0])], []
+
+    def get_output_sizes(self, input_sizes):
+        s = input_sizes[0]
+        return [None if s is None else (s[2], s[2], 1, s[3])]
+
+
+@register('dagnn.OBJ_ConvNet_Cov_TraceNorm')
+class OBJ_ConvNet_Cov_TraceNorm(Layer):
+    """Trace normalisation; two outputs ``[A, tr]`` (the second is the ``<name>_tr``
+    var that ``OBJ_ConvNet_COV_ScaleTr`` consumes). Backward takes the derivatives of
+    both outputs (``None`` counts as zero)."""
+    properties = dict(_COV_PROPS)
+
+    def forward(self, inputs, params):
+        A, tr = trace_norm_forward(inputs[0])
+        return [A, tr]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        dA = der_outputs[0]
+        dtr = der_outputs[1] if len(der_outputs) > 1 else None
+        if dA is None and dtr is None:
+            return [None], []
+        tr = outputs[1] if outputs is not None and len(outputs) > 1 else None
+        return [trace_norm_backward(inputs[0], tr, dA, dtr)], []
+
+    def get_output_sizes(self, input_sizes):
+        s = input_sizes[0]
+        return [s, None if s is None else (1, 1, 1, s[3])]
+
+
+@register('dagnn.OBJ_ConvNet_Cov_Sqrtm')
+class OBJ_ConvNet_Cov_Sqrtm(Layer):
+    """Newton-Schulz matrix square root; three outputs ``[y, _Y, _Z]``.
+    ``coef`` and ``iterNum`` must be positive integers (the mex casts them to int); the
+    class default ``iterNum`` is 5 as in the original (the GM-SOP models pass 3)."""
+    properties = dict(_COV_PROPS, coef=1, iterNum=5)
+
+    def forward(self, inputs, params):
+        return list(sqrtm_forward(inputs[0], self.coef, self.iterNum))
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        if der_outputs[0] is None:
+            return [None], []
+        Y = Z = None
+        if outputs is not None and len(outputs) == 3:
+            Y, Z = outputs[1], outputs[2]
+        return [sqrtm_backward(inputs[0], Y, Z, der_outputs[0], self.coef, self.iterNum)], []
+
+    def get_output_sizes(self, input_sizes):
+        s = input_sizes[0]
+        if s is None:
+            return [None, None, None]
+        d, N = s[0], s[3]
+        K = _int_option(self.iterNum, 'iterNum', 'OBJ_ConvNet_Cov_Sqrtm')
+        return [(1, 1, d * (d + 1) // 2, N), (d, d, K, N), (d, d, K, N)]
+
+
+@register('dagnn.OBJ_ConvNet_COV_ScaleTr')
+class OBJ_ConvNet_COV_ScaleTr(Layer):
+    """``y = sqrt(tr) * v``; inputs ``[v, tr]``. The derivative returned for ``tr`` is
+    ``v . dy`` (the trace-norm block applies ``1/(2 sqrt(tr))``)."""
+    properties = dict(_COV_PROPS)
+
+    def forward(self, inputs, params):
+        return [scale_tr_forward(inputs[0], inputs[1])]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        if der_outputs[0] is None:
+            return [None, None], []
+        dv, dtr = scale_tr_backward(inputs[0], inputs[1], der_outputs[0])
+        return [dv, dtr], []
+
+    def get_output_sizes(self, input_sizes):
+        return [input_sizes[0]]

@@ -1,0 +1,110 @@
+"""Dropout: ``vl_nndropout`` and ``dagnn.DropOut``.
+
+'normal' mode: ``y = x .* mask`` with ``mask = (u >= rate) / (1 - rate)``, u uniform in
+[0, 1); 'test' mode: identity. Backward: ``dx = dy .* mask``.
+"""
+import numpy as np
+
+from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer, register
+
+__all__ = ['dropout_mask', 'dropout_forward', 'dropout_backward', 'DropOut']
+
+
+def dropout_mask(shape, rate, rng, dtype=np.float32, xp=np):
+    """A mask of 0 and ``1/(1-rate)`` of the given shape (Fortran order), drawn from the
+    numpy Generator ``rng`` (on the GPU: a CuPy generator seeded from ``rng``)."""
+    rate = float(rate)
+    dt = np.dtype(dtype)
+    scale = dt.type(1.0 / (1.0 - rate))
+    n = int(np.prod(shape))
+    if xp is np:
+        u = rng.random(n, dtype=np.float32)
+    else:
+        seed = int(rng.integers(0, 2 ** 63 - 1))
+        u = xp.random.RandomState(seed).random_sample(n, dtype=np.float32)
+    keep = (u >= np.float32(rate)).astype(dt)
+    return (keep * scale).reshape(tuple(shape), order='F')
+
+
+def dropout_forward(x, rate=0.5, mask=None, rng=None):
+    """``(y, mask)``: ``mask`` is used when given (already scaled, x's shape), else drawn
+    with :func:`dropout_mask` from ``rng``."""
+    xp = get_array_module(x)
+    if mask is None:
+        if rng is None:
+            raise ValueError('dropout_forward: give a mask or a random generator')
+        mask = dropout_mask(x.shape, rate, rng, x.dtype, xp)
+    elif mask.shape != x.shape:
+        if mask.size != x.size:
+            raise ValueError(f'dropout_forward: mask has shape {mask.shape}, x has shape {x.shape}')
+        mask = mask.reshape(x.shape, order='F')
+    y = xp.asfortranarray((x * mask).astype(x.dtype, copy=False))
+    return y, mask
+
+
+def dropout_backward(dy, mask):
+    """``dy .* mask``."""
+    xp = get_array_module(dy)
+    if mask.size != dy.size:
+        raise ValueError(f'dropout_backward: mask has shape {mask.shape}, dy has shape {dy.shape}')
+    m = mask.reshape(dy.shape, order='F') if mask.shape != dy.shape else mask
+    return xp.asfortranarray((dy * m).astype(dy.dtype, copy=False))
+
+
+@register('dagnn.DropOut')
+class DropOut(Layer):
+    """``dagnn.DropOut``: inputs [x], outputs [y]; properties ``rate`` (0.5), ``frozen``.
+
+    forward returns ``[y, mask]``: the second value is the mask used ('normal' mode;
+    ``None`` in 'test' mode) and is not bound to a var of its own; backward reads it
+    from ``outputs[1]``, so the block is reentrant. When the engine does not pass it
+    back, backward falls back on the last mask drawn (MatConvNet's behaviour).
+
+    Masks: the plain attribute ``mask`` (default None, not saved), when set, is used
+    as is (already scaled). Otherwise, with ``frozen`` true the last mask is reused
+    (MatConvNet: ``frozen & ~isempty(mask)``), else a fresh mask is drawn from the
+    net's generator ``self.rng``. ``reset()`` clears the masks and ``frozen``, as
+    DropOut.m's reset does.
+    """
+    properties = {'rate': 0.5, 'frozen': False}
+
+    def __init__(self, **props):
+        self.mask = None
+        self._last_mask = None
+        super().__init__(**props)
+
+    def _rate(self):
+        return float(np.asarray(self.rate).reshape(-1)[0])
+
+    def forward(self, inputs, params):
+        x = inputs[0]
+        if self.mode == 'test':
+            return [x, None]
+        if self.mask is not None:
+            mask = self.mask
+        elif bool(self.frozen) and self._last_mask is not None and self._last_mask.size == x.size:
+            mask = self._last_mask
+        else:
+            mask = None
+        y, mask = dropout_forward(x, self._rate(), mask=mask, rng=self.rng)
+        self._last_mask = mask
+        return [y, mask]
+
+    def backward(self, inputs, params, der_outputs, outputs):
+        dy = der_outputs[0]
+        if self.mode == 'test':
+            return [dy], []
+        mask = outputs[1] if outputs is not None and len(outputs) > 1 and outputs[1] is not None \
+            else self._last_mask
+        if mask is None:
+            raise ValueError('DropOut.backward: no mask (forward was not run in normal mode)')
+        return [dropout_backward(dy, mask)], []
+
+    def get_output_sizes(self, input_sizes):
+        return [input_sizes[0]]
+
+    def reset(self):
+        self.mask = None
+        self._last_mask = None
+        self.frozen = False

@@ -1,0 +1,54 @@
+"""Elementwise sum of any number of inputs: ``dagnn.Sum``."""
+from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer, register
+
+__all__ = ['sum_forward', 'sum_backward', 'Sum']
+
+
+def sum_forward(inputs):
+    """``inputs[0] + inputs[1] + ...`` (same shapes), Fortran-contiguous."""
+    if len(inputs) == 0:
+        raise ValueError('sum_forward: no inputs')
+    shape = inputs[0].shape
+    for k, a in enumerate(inputs[1:], 1):
+        if a.shape != shape:
+            raise ValueError(f'sum_forward: input {k} has shape {a.shape}, input 0 has shape {shape} '
+                             f'(all shapes: {[tuple(t.shape) for t in inputs]})')
+    xp = get_array_module(*inputs)
+    y = inputs[0] + inputs[1] if len(inputs) > 1 else inputs[0].copy(order='F')
+    for a in inputs[2:]:
+        y += a
+    return xp.asfortranarray(y)
+
+
+def sum_backward(dy, num_inputs):
+    """The derivative of every input is ``dy`` itself (the same array object, not copies,
+    as in MatConvNet: treat it as read-only)."""
+    return [dy] * num_inputs
+
+
+@register('dagnn.Sum')
+class Sum(Layer):
+    """``dagnn.Sum``: inputs [x1, ..., xk], outputs [y]. No stored properties:
+    MatConvNet's ``numInputs`` is transient (set by forward, never saved); it is kept
+    here as a plain attribute and accepted (ignored) by ``load`` for old files."""
+    properties = {}
+
+    def __init__(self, **props):
+        self.numInputs = None
+        super().__init__(**props)
+
+    def load(self, props):
+        props = dict(props)
+        props.pop('numInputs', None)
+        super().load(props)
+
+    def forward(self, inputs, params):
+        self.numInputs = len(inputs)
+        return [sum_forward(inputs)]
+
+    def backward(self, inputs, params, der_outputs, outputs):
+        return sum_backward(der_outputs[0], len(inputs)), []
+
+    def get_output_sizes(self, input_sizes):
+        return [input_sizes[0]]
