@@ -62,7 +62,7 @@ def _back(a3, shape):
 
 def _split_moments(moments, C):
     xp = get_array_module(moments)
-    m = moments.reshape(C, 2, order='F') if moments.ndim != 2 or moments.shape != (C, 2) else moments
+    m = moments if moments.shape == (C, 2) else moments.reshape(C, 2, order='F')
     return xp.ascontiguousarray(m[:, 0]), xp.ascontiguousarray(m[:, 1])
 
 
@@ -166,7 +166,8 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     C = x.shape[2]
     dt = x.dtype
     if dy.size != x.size:
-        raise ValueError(f'bnorm_backward_fixed_moments: dy has shape {dy.shape}, x has shape {x.shape}')
+        raise ValueError(f'bnorm_backward_fixed_moments: dy has shape {dy.shape}, '
+                         f'x has shape {x.shape}')
     if dy.shape != x.shape:
         dy = dy.reshape(x.shape, order='F')
     dy = dy.astype(dt, copy=False)

@@ -5,7 +5,7 @@
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
+from pydagnn.backend import get_array_module, to_host
 from pydagnn.layer import Layer, register
 
 __all__ = ['dropout_mask', 'dropout_forward', 'dropout_backward', 'DropOut']
@@ -35,12 +35,20 @@ def dropout_forward(x, rate=0.5, mask=None, rng=None):
         if rng is None:
             raise ValueError('dropout_forward: give a mask or a random generator')
         mask = dropout_mask(x.shape, rate, rng, x.dtype, xp)
-    elif mask.shape != x.shape:
+        return _apply(x, mask, xp), mask
+    if xp is np:
+        mask = to_host(mask)                     # a mask set while the net was on the GPU
+    elif isinstance(mask, np.ndarray):
+        mask = xp.asarray(mask)                  # a host mask for a GPU input
+    if mask.shape != x.shape:
         if mask.size != x.size:
             raise ValueError(f'dropout_forward: mask has shape {mask.shape}, x has shape {x.shape}')
         mask = mask.reshape(x.shape, order='F')
-    y = xp.asfortranarray((x * mask).astype(x.dtype, copy=False))
-    return y, mask
+    return _apply(x, mask, xp), mask
+
+
+def _apply(x, mask, xp):
+    return xp.asfortranarray((x * mask).astype(x.dtype, copy=False))
 
 
 def dropout_backward(dy, mask):
@@ -56,22 +64,21 @@ def dropout_backward(dy, mask):
 class DropOut(Layer):
     """``dagnn.DropOut``: inputs [x], outputs [y]; properties ``rate`` (0.5), ``frozen``.
 
-    forward returns ``[y, mask]``: the second value is the mask used ('normal' mode;
-    ``None`` in 'test' mode) and is not bound to a var of its own; backward reads it
-    from ``outputs[1]``, so the block is reentrant. When the engine does not pass it
-    back, backward falls back on the last mask drawn (MatConvNet's behaviour).
-
     Masks: the plain attribute ``mask`` (default None, not saved), when set, is used
-    as is (already scaled). Otherwise, with ``frozen`` true the last mask is reused
-    (MatConvNet: ``frozen & ~isempty(mask)``), else a fresh mask is drawn from the
-    net's generator ``self.rng``. ``reset()`` clears the masks and ``frozen``, as
-    DropOut.m's reset does.
+    as is (already scaled, x's shape). Otherwise, with ``frozen`` true the last mask
+    is reused (MatConvNet: ``frozen & ~isempty(mask)``), else a fresh mask is drawn
+    from the net's generator ``self.rng``. The mask of the last 'normal' forward is
+    kept in ``last_mask`` and used by backward, exactly as DropOut.m keeps ``obj.mask``:
+    the engine declares one output per var, so the mask cannot travel as an output.
+    Hence a DropOut block is not reentrant across two 'normal' forwards before one
+    backward (the original is not either). ``reset()`` clears the masks and
+    ``frozen``, as DropOut.m's reset does.
     """
     properties = {'rate': 0.5, 'frozen': False}
 
     def __init__(self, **props):
         self.mask = None
-        self._last_mask = None
+        self.last_mask = None
         super().__init__(**props)
 
     def _rate(self):
@@ -80,31 +87,29 @@ class DropOut(Layer):
     def forward(self, inputs, params):
         x = inputs[0]
         if self.mode == 'test':
-            return [x, None]
+            return [x]
         if self.mask is not None:
             mask = self.mask
-        elif bool(self.frozen) and self._last_mask is not None and self._last_mask.size == x.size:
-            mask = self._last_mask
+        elif bool(self.frozen) and self.last_mask is not None and self.last_mask.size == x.size:
+            mask = self.last_mask
         else:
             mask = None
         y, mask = dropout_forward(x, self._rate(), mask=mask, rng=self.rng)
-        self._last_mask = mask
-        return [y, mask]
+        self.last_mask = mask
+        return [y]
 
     def backward(self, inputs, params, der_outputs, outputs):
         dy = der_outputs[0]
         if self.mode == 'test':
             return [dy], []
-        mask = outputs[1] if outputs is not None and len(outputs) > 1 and outputs[1] is not None \
-            else self._last_mask
-        if mask is None:
-            raise ValueError('DropOut.backward: no mask (forward was not run in normal mode)')
-        return [dropout_backward(dy, mask)], []
+        if self.last_mask is None:
+            raise ValueError('DropOut.backward: no mask (no forward was run in normal mode)')
+        return [dropout_backward(dy, self.last_mask)], []
 
     def get_output_sizes(self, input_sizes):
         return [input_sizes[0]]
 
     def reset(self):
         self.mask = None
-        self._last_mask = None
+        self.last_mask = None
         self.frozen = False

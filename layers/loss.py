@@ -15,7 +15,8 @@ Per term t (summed, weighted, over all pixels and images; the output is a 1x1x1x
 - ``classerror``: ``argmax_c x != label`` (first maximum wins)  (backward 0)
 - ``topkerror``: label not among the top-k scores (a stable descending sort: ties rank
   by index)                                             (backward 0)
-- ``mhinge``: ``max(0, 1 - x(label))``; ``mshinge``: ``max(0, 1 - x(label) + max_{q != label} x(q))``
+- ``mhinge``: ``max(0, 1 - x(label))``;
+  ``mshinge``: ``max(0, 1 - x(label) + max_{q != label} x(q))``
 - ``binaryerror``: ``sign(x - threshold) != c``          (backward 0)
 - ``binarylog``: ``-log(c (x - 1/2) + 1/2)``; ``logistic``: ``log(1 + exp(-c x))``;
   ``hinge``: ``max(0, 1 - c x)``
@@ -30,8 +31,8 @@ import numpy as np
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
 
-__all__ = ['loss_forward', 'loss_backward', 'Loss', 'opts_to_dict', 'as_scalar', 'CATEGORICAL_LOSSES',
-           'BINARY_LOSSES']
+__all__ = ['loss_forward', 'loss_backward', 'Loss', 'opts_to_dict', 'as_scalar',
+           'CATEGORICAL_LOSSES', 'BINARY_LOSSES']
 
 CATEGORICAL_LOSSES = ('softmaxlog', 'log', 'classerror', 'topkerror', 'mhinge', 'mshinge')
 BINARY_LOSSES = ('binaryerror', 'binarylog', 'logistic', 'hinge')
@@ -88,7 +89,8 @@ def _prepare(x, label, loss, instance_weights, op):
     xp = get_array_module(x)
     loss = str(loss).lower()
     if loss not in CATEGORICAL_LOSSES and loss not in BINARY_LOSSES:
-        raise ValueError(f"{op}: unknown loss {loss!r} (known: {', '.join(CATEGORICAL_LOSSES + BINARY_LOSSES)})")
+        known = ', '.join(CATEGORICAL_LOSSES + BINARY_LOSSES)
+        raise ValueError(f'{op}: unknown loss {loss!r} (known: {known})')
     if x.ndim > 4:
         raise ValueError(f'{op}: x must be H x W x C x N, got shape {x.shape}')
     x4 = x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim < 4 else x
@@ -102,8 +104,9 @@ def _prepare(x, label, loss, instance_weights, op):
         elif n == H * W * N:
             c = label.reshape(tshape, order='F')
         else:
-            raise ValueError(f'{op} ({loss}): label has shape {label.shape} ({n} elements); x has shape '
-                             f'{x4.shape}: expected N = {N} or H*W*N = {H * W * N} labels')
+            raise ValueError(f'{op} ({loss}): label has shape {label.shape} ({n} elements); '
+                             f'x has shape {x4.shape}: expected N = {N} or H*W*N = {H * W * N} '
+                             f'labels')
     else:
         tshape = (H, W, C, N)
         if n == H * W * C * N:
@@ -111,14 +114,16 @@ def _prepare(x, label, loss, instance_weights, op):
         elif C == 1 and n == N:
             c = xp.broadcast_to(label.reshape(1, 1, 1, N, order='F'), tshape)
         else:
-            raise ValueError(f'{op} ({loss}): label has shape {label.shape} ({n} elements); x has shape '
-                             f'{x4.shape}: expected H*W*C*N = {H * W * C * N} labels (+1/-1, 0 = ignore)')
+            raise ValueError(f'{op} ({loss}): label has shape {label.shape} ({n} elements); '
+                             f'x has shape {x4.shape}: expected H*W*C*N = {H * W * C * N} '
+                             f'labels (+1/-1, 0 = ignore)')
     c = c.astype(x.dtype, copy=False)
     w = (c != 0).astype(x.dtype)
     if instance_weights is not None:
         iw = xp.asarray(instance_weights).astype(x.dtype, copy=False)
         if iw.ndim > 4:
-            raise ValueError(f'{op}: instance weights must have at most 4 dimensions, got {iw.shape}')
+            raise ValueError(f'{op}: instance weights must have at most 4 dimensions, '
+                             f'got {iw.shape}')
         iw4 = iw.reshape(iw.shape + (1,) * (4 - iw.ndim))
         if all(iw4.shape[i] in (1, tshape[i]) for i in range(4)):
             pass                                    # MATLAB bsxfun broadcasting
@@ -127,8 +132,8 @@ def _prepare(x, label, loss, instance_weights, op):
         elif iw.size == int(np.prod(tshape)):
             iw4 = iw.reshape(tshape, order='F')     # one weight per term
         else:
-            raise ValueError(f'{op} ({loss}): instance weights of shape {iw.shape} do not broadcast '
-                             f'to the per-term shape {tshape} (x has shape {x4.shape})')
+            raise ValueError(f'{op} ({loss}): instance weights of shape {iw.shape} do not '
+                             f'broadcast to the per-term shape {tshape} (x has shape {x4.shape})')
         w = w * iw4
     return x4, c, w, loss
 
@@ -185,12 +190,14 @@ def _terms(x4, c, loss, top_k, threshold):
     if loss == 'topkerror':
         k = int(top_k)
         if k < 1 or k > C:
-            raise ValueError(f'loss topkerror: topK = {k} must be in 1..C = {C} (x has shape {x4.shape})')
+            raise ValueError(f'loss topkerror: topK = {k} must be in 1..C = {C} '
+                             f'(x has shape {x4.shape})')
         valid = (c >= 1) & (c <= C)
         idx = xp.clip(c - 1, 0, C - 1).astype(np.int64)
         s = _take(x4, idx)
         ar = xp.arange(C).reshape(1, 1, C, 1)
-        rank = (x4 > s).sum(axis=2, keepdims=True) + ((x4 == s) & (ar < idx)).sum(axis=2, keepdims=True)
+        rank = (x4 > s).sum(axis=2, keepdims=True) \
+            + ((x4 == s) & (ar < idx)).sum(axis=2, keepdims=True)
         return 1.0 - (valid & (rank < k)).astype(np.float64)
     if loss == 'binaryerror':
         return (xp.sign(x4 - dt(threshold)) != c).astype(x4.dtype)
@@ -225,7 +232,8 @@ def loss_backward(x, label, dy, loss='softmaxlog', instance_weights=None, top_k=
     x4, c, w, loss = _prepare(x, label, loss, instance_weights, 'loss_backward')
     dyv = xp.asarray(dy)
     if dyv.size != 1:
-        raise ValueError(f'loss_backward: dy must be a scalar (the loss is a scalar), got shape {dyv.shape}')
+        raise ValueError(f'loss_backward: dy must be a scalar (the loss is a scalar), '
+                         f'got shape {dyv.shape}')
     dt = x4.dtype
     g = w * dyv.astype(dt).reshape(())           # per-term weight times dy
     C = x4.shape[2]
@@ -278,8 +286,8 @@ class Loss(Layer):
 
     Transient statistics, as Loss.m (GM-SOP fork): ``numAveraged`` (an int) and
     ``average = (numAveraged * average + y) / (numAveraged + H*W*N)``, a NumPy scalar
-    (a 0-d CuPy array on the GPU: no host sync) after the first forward; ``reset()`` zeroes both. The training
-    printout shows ``average``.
+    (a 0-d CuPy array on the GPU: no host sync) after the first forward; ``reset()``
+    zeroes both. The training printout shows ``average``.
     """
     properties = {'loss': 'softmaxlog', 'ignoreAverage': False, 'opts': []}
 

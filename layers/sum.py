@@ -12,7 +12,8 @@ def sum_forward(inputs):
     shape = inputs[0].shape
     for k, a in enumerate(inputs[1:], 1):
         if a.shape != shape:
-            raise ValueError(f'sum_forward: input {k} has shape {a.shape}, input 0 has shape {shape} '
+            raise ValueError(f'sum_forward: input {k} has shape {a.shape}, '
+                             f'input 0 has shape {shape} '
                              f'(all shapes: {[tuple(t.shape) for t in inputs]})')
     xp = get_array_module(*inputs)
     y = inputs[0] + inputs[1] if len(inputs) > 1 else inputs[0].copy(order='F')

@@ -20,8 +20,16 @@ All kernels are parallel over (image, channel) pairs: every pair owns its own ro
 ``col`` and its own plane of the image, so col2im accumulates without races, in a fixed
 order (results do not depend on the number of threads).
 """
-import numpy as np
-from numba import njit, prange
+import os
+
+# numba's OpenMP workers must sleep, not spin, between parallel regions: on a small
+# machine they otherwise fight OpenBLAS's threads (which run the GEMMs between two
+# kernels) and every handoff costs a scheduler tick (~4 ms). libgomp reads this when
+# numba first starts its thread pool; an explicit user setting wins.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 
 @njit(cache=True, inline='always')

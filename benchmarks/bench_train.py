@@ -1,0 +1,181 @@
+"""Whole-model training throughput: forward + backward of a built model on random data.
+
+  python benchmarks/bench_train.py --device cpu --model ResNet18-GM-SOP --batch 32
+  python benchmarks/bench_train.py --model ResNet18-GAP --batch 64 --iters 10 --warmup 2 --threads 2
+
+Times ``net.eval({'input', 'label'}, {'objective': 1})`` in 'normal' mode (what one SGD
+step computes, without the update), then a forward-only pass in 'test' mode, and prints
+JSON lines:
+
+  {"kind": "train", "model", "device", "batch", "threads", "iters", "warmup",
+   "images_per_s" (batch / median seconds of the timed iterations), "step_s_median",
+   "step_s_all", "forward_test_images_per_s", "peak_rss_mb", "params"}
+  {"kind": "split", "cm_share" (time in layers named CM_* and Fusion_out over the time
+   in all layers), "gm_share" (CM_*, Fusion_out, gating*, H_x, gating, Balance_loss),
+   "layer_total_s_per_iter", "wall_s_per_iter", "by_type_s_per_iter"}
+  {"kind": "top_layers", "layers": [[name, type, forward_ms, backward_ms, share], ...]}
+
+Layer times are sums over the timed iterations of ``layer.forward_time +
+layer.backward_time`` (the engine's per-layer clocks; zeroed before each iteration so a
+skipped CM counts 0), reported per iteration. For the test-mode pass the BN moments are
+set to mean 0 / sigma 1 (a fresh net's moments are 0, which makes test mode divide by 0).
+
+Devices: ``cpu`` only for now. A device is a small object (see ``DEVICES``) with
+``prepare(net)``, ``array(x)`` and ``sync()``; a ``gpu`` entry needs ``net.move('gpu')``,
+CuPy arrays and a stream synchronise before each clock read.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+_THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS')
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--device', default='cpu', choices=sorted(DEVICES))
+    ap.add_argument('--model', default='ResNet18-GM-SOP')
+    ap.add_argument('--batch', type=int, default=32)
+    ap.add_argument('--iters', type=int, default=5, help='timed iterations (default 5)')
+    ap.add_argument('--warmup', type=int, default=2, help='untimed iterations first (default 2)')
+    ap.add_argument('--threads', type=int, default=None,
+                    help='BLAS / numba threads (default: the libraries\' own default)')
+    ap.add_argument('--num-classes', type=int, default=1000)
+    ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--no-test-pass', action='store_true', help='skip the forward-only test-mode timing')
+    return ap.parse_args(argv)
+
+
+class CpuDevice:
+    name = 'cpu'
+
+    def prepare(self, net):
+        return net
+
+    def array(self, x):
+        return x
+
+    def sync(self):
+        pass
+
+
+DEVICES = {'cpu': CpuDevice}
+
+
+def _peak_rss_mb():
+    import resource
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(kb / 1024 if sys.platform != 'darwin' else kb / 2 ** 20, 1)
+
+
+def _threads_in_use():
+    try:
+        import numba
+        return numba.get_num_threads()
+    except Exception:  # pragma: no cover
+        return None
+
+
+def _zero_clocks(net):
+    for l in net.layers:
+        l.forward_time = 0.0
+        l.backward_time = 0.0
+
+
+def run(args):
+    import numpy as np
+    from pydagnn.models import build
+
+    dev = DEVICES[args.device]()
+    net = dev.prepare(build(args.model, num_classes=args.num_classes, seed=args.seed))
+    rng = np.random.default_rng(args.seed + 1)
+    size = int(net.meta['normalization']['imageSize'][0])
+    x = dev.array(np.asfortranarray((rng.standard_normal((size, size, 3, args.batch)) * 50).astype(np.float32)))
+    label = dev.array(rng.integers(1, args.num_classes + 1, size=args.batch).astype(np.float32))
+    feed = {'input': x, 'label': label}
+
+    net.mode = 'normal'
+    for _ in range(args.warmup):
+        net.eval(feed, {'objective': 1})
+    dev.sync()
+    steps = []
+    fwd = {l.name: 0.0 for l in net.layers}
+    bwd = dict(fwd)
+    for _ in range(args.iters):
+        _zero_clocks(net)
+        t0 = time.perf_counter()
+        net.eval(feed, {'objective': 1})
+        dev.sync()
+        steps.append(time.perf_counter() - t0)
+        for l in net.layers:
+            fwd[l.name] += l.forward_time
+            bwd[l.name] += l.backward_time
+    med = float(np.median(steps))
+    rec = {'kind': 'train', 'model': args.model, 'device': dev.name, 'batch': args.batch,
+           'threads': _threads_in_use(), 'iters': args.iters, 'warmup': args.warmup,
+           'images_per_s': round(args.batch / med, 2), 'step_s_median': round(med, 4),
+           'step_s_all': [round(s, 4) for s in steps], 'params': net.num_params()}
+
+    if not args.no_test_pass:
+        for l in net.layers:
+            if l.type == 'dagnn.BatchNorm':
+                m = net.get_param(l.params[2])
+                xp = np if isinstance(m.value, np.ndarray) else __import__('cupy')
+                v = xp.zeros_like(m.value)
+                v[:, 1] = 1
+                m.value = v
+        net.mode = 'test'
+        net.eval(feed)
+        dev.sync()
+        ts = []
+        for _ in range(max(1, args.iters)):
+            t0 = time.perf_counter()
+            net.eval(feed)
+            dev.sync()
+            ts.append(time.perf_counter() - t0)
+        rec['forward_test_images_per_s'] = round(args.batch / float(np.median(ts)), 2)
+        net.mode = 'normal'
+    rec['peak_rss_mb'] = _peak_rss_mb()
+    print(json.dumps(rec), flush=True)
+
+    n = args.iters
+    total = sum(fwd.values()) + sum(bwd.values())
+    is_cm = lambda name: name.startswith('CM_') or name == 'Fusion_out'  # noqa: E731
+    is_gm = lambda name: is_cm(name) or name.startswith('gating') or name in ('H_x', 'Balance_loss')  # noqa: E731
+    cm = sum(fwd[k] + bwd[k] for k in fwd if is_cm(k))
+    gm = sum(fwd[k] + bwd[k] for k in fwd if is_gm(k))
+    split = {'kind': 'split', 'model': args.model, 'cm_share': round(cm / total, 4) if total else None,
+             'gm_share': round(gm / total, 4) if total else None,
+             'layer_total_s_per_iter': round(total / n, 4), 'wall_s_per_iter': round(med, 4)}
+    # time by layer type, and the trunk / GM split
+    by_type = {}
+    for l in net.layers:
+        by_type[l.type] = by_type.get(l.type, 0.0) + fwd[l.name] + bwd[l.name]
+    split['by_type_s_per_iter'] = {k.replace('dagnn.', ''): round(v / n, 4)
+                                   for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
+    print(json.dumps(split), flush=True)
+
+    types = {l.name: l.type.replace('dagnn.', '') for l in net.layers}
+    top = sorted(fwd, key=lambda k: -(fwd[k] + bwd[k]))[:10]
+    print(json.dumps({'kind': 'top_layers', 'model': args.model,
+                      'layers': [[k, types[k], round(1e3 * fwd[k] / n, 2), round(1e3 * bwd[k] / n, 2),
+                                  round((fwd[k] + bwd[k]) / total, 4)] for k in top]}), flush=True)
+    return rec
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.threads:
+        for v in _THREAD_VARS:  # before numpy / numba are imported
+            os.environ[v] = str(args.threads)
+    run(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""``dagnn.CM_out``: the weighted fusion of the component modules (CMs) of GM-SOP
+(``+dagnn/CM_out.m``).
+
+Inputs: the gating tuple ``(sfm, mask, ...)`` (``K x N``), then the K CM outputs
+``y_1 .. y_K``. ``y_i`` is ``1 x 1 x D' x n_i``: the images whose mask selects CM i, in
+batch order, or ``None`` (or an array with ``n_i = 0``) when CM i got no image.
+Output ``z`` (``1 x 1 x D' x N``): ``z_n = sum over selected i of s(i, n) * y_i(n)``, the
+CMs added in index order (the original's summation order).
+Backward: ``dy_i(n) = s(i, n) * dz_n`` (``None`` for a CM without images) and
+``d s(i, n) = y_i(n) . dz_n`` (``K x N``, zero where unselected), which goes to the
+gating var's derivative.
+
+A CM without images contributes nothing: no value left over from an earlier eval is
+used (the original's defect; SPEC 4). Vectorised per CM: the images of CM i are found
+from the mask with one argsort (no host round trip, no loop over images).
+"""
+import numpy as np
+
+from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer, register
+
+__all__ = ['routed_indices', 'cm_out_forward', 'cm_out_backward', 'CM_out']
+
+
+def routed_indices(mask):
+    """``(K, N)`` int array whose row i starts with the batch indices of the images that
+    CM i receives, in batch order (row i, first ``mask[i].sum()`` entries)."""
+    xp = get_array_module(mask)
+    K, N = mask.shape
+    ar = xp.arange(N)
+    keys = xp.where(mask, ar[None, :], N + ar[None, :])   # unique keys: one sort, any kind
+    return xp.argsort(keys, axis=1)
+
+
+def _counts(ys, K, op):
+    if len(ys) != K:
+        raise ValueError(f'{op}: got {len(ys)} CM outputs for {K} CMs (the gating mask has {K} rows)')
+    n = []
+    for i, y in enumerate(ys):
+        if y is None or y.size == 0:
+            n.append(0)
+            continue
+        if y.ndim != 4 or y.shape[:2] != (1, 1):
+            raise ValueError(f'{op}: CM {i + 1} output must be 1 x 1 x D x n, got shape {y.shape}')
+        n.append(y.shape[3])
+    return n
+
+
+def _check_routing(mask, n, op):
+    if isinstance(mask, np.ndarray):                      # free on the CPU; skipped on the GPU
+        have = mask.sum(axis=1)
+        for i, (a, b) in enumerate(zip(have.tolist(), n)):
+            if a != b:
+                raise ValueError(f'{op}: CM {i + 1} output has {b} images, its gating mask selects {a}')
+
+
+def _dim(ys, default, op):
+    dims = {y.shape[2] for y in ys if y is not None and y.size}
+    if len(dims) > 1:
+        raise ValueError(f'{op}: CM outputs have different sizes {sorted(dims)}')
+    return dims.pop() if dims else int(default)
+
+
+def cm_out_forward(sfm, mask, ys, hdim=None):
+    """Weighted fusion; see the module docstring. ``hdim``: D' when no CM has an image."""
+    xp = get_array_module(sfm)
+    K, N = sfm.shape
+    mask = mask.astype(bool, copy=False)
+    n = _counts(ys, K, 'CM_out')
+    _check_routing(mask, n, 'CM_out')
+    D = _dim(ys, hdim if hdim is not None else 0, 'CM_out')
+    z = xp.zeros((D, N), dtype=sfm.dtype)
+    order = routed_indices(mask)
+    for i, y in enumerate(ys):
+        if n[i] == 0:
+            continue
+        idx = order[i, :n[i]]
+        z[:, idx] += y.reshape(D, n[i], order='F') * sfm[i, idx][None, :]
+    return xp.asfortranarray(z).reshape(1, 1, D, N, order='F')
+
+
+def cm_out_backward(sfm, mask, ys, dz):
+    """``(d sfm K x N, [dy_1 or None, ..., dy_K or None])``."""
+    xp = get_array_module(sfm)
+    K, N = sfm.shape
+    mask = mask.astype(bool, copy=False)
+    n = _counts(ys, K, 'CM_out backward')
+    D = dz.size // N if N else 0
+    if dz.size != D * N:
+        raise ValueError(f'CM_out backward: dz has shape {dz.shape} for {N} images')
+    dz2 = dz.reshape(D, N, order='F')
+    ds = xp.zeros((K, N), dtype=sfm.dtype)
+    dys = []
+    order = routed_indices(mask)
+    for i, y in enumerate(ys):
+        if n[i] == 0:
+            dys.append(None)
+            continue
+        idx = order[i, :n[i]]
+        dzi = dz2[:, idx]
+        dys.append(xp.asfortranarray(dzi * sfm[i, idx][None, :]).reshape(1, 1, D, n[i], order='F'))
+        ds[i, idx] = (y.reshape(D, n[i], order='F') * dzi).sum(axis=0)
+    return xp.asfortranarray(ds), dys
+
+
+@register('dagnn.CM_out')
+class CM_out(Layer):
+    """Fusion of the CM outputs. Inputs ``[gating tuple, y_1, ..., y_K]``; output
+    ``1 x 1 x hdim x N``. ``CM_num``, ``topk`` and ``hdim`` are stored as the original does
+    (the sizes actually used come from the inputs; ``hdim`` only when no CM has an image)."""
+    properties = {'CM_num': 16, 'topk': 8, 'hdim': 256}
+    #: the engine passes None for a CM that ran on no image instead of skipping this layer
+    accepts_missing_inputs = True
+
+    def forward(self, inputs, params):
+        g = inputs[0]
+        return [cm_out_forward(g[0], g[1], list(inputs[1:]), self.hdim)]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        dz = der_outputs[0]
+        if dz is None:
+            return [None] * len(inputs), []
+        g = inputs[0]
+        ds, dys = cm_out_backward(g[0], g[1], list(inputs[1:]), dz)
+        return [ds] + dys, []
+
+    def get_output_sizes(self, input_sizes):
+        return [None]

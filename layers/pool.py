@@ -1,0 +1,161 @@
+"""Pooling (MatConvNet's ``vl_nnpool`` and ``dagnn.Pooling``), CPU.
+
+``pool_forward(x, pool_size, method='max', pad=0, stride=1) -> y``
+``pool_backward(x, dy, pool_size, method='max', pad=0, stride=1) -> dx``
+
+x is ``H x W x C x N``; ``pool_size`` = p or [ph pw]; ``pad`` = p, [vertical horizontal]
+or [top bottom left right] (each smaller than the window, as ``vl_nnpool`` requires);
+``stride`` = s or [sy sx]. Output ``Ho = floor((H + pt + pb - ph) / sy) + 1``.
+
+* 'max': padding never wins (windows are clipped to the image); the derivative of a
+  window goes to its first maximum in MatConvNet's scan order (column by column, then
+  row), as ``vl_nnpool``'s CPU code does.
+* 'avg': sum over the window elements inside the image divided by *their number*.
+  This is what MatConvNet computes (CPU ``acc_sum`` and GPU ``pooling_average_kernel``
+  both use the clipped window size); it equals the full window size whenever the window
+  lies inside the image, e.g. without padding.
+
+A window that covers the whole unpadded map (the 8x8 global average pool of the GAP
+models) takes a fast path: a plain mean per channel.
+"""
+import numpy as np
+
+from pydagnn.layer import Layer, register
+from pydagnn.layers.conv import parse_pad, parse_pair, _as4d, _fortran
+from pydagnn.layers.kernels import pool_cpu as _k
+
+__all__ = ['pool_forward', 'pool_backward', 'pool_output_size', 'Pooling']
+
+_METHODS = ('max', 'avg')
+
+
+def _method(m, op):
+    if isinstance(m, np.ndarray):
+        m = m.ravel()[0] if m.size else ''
+    m = str(m).lower()
+    if m not in _METHODS:
+        raise ValueError(f"{op}: method must be 'max' or 'avg', got {m!r}")
+    return m
+
+
+class _PoolGeom:
+    def __init__(self, x, pool_size, method, pad, stride, op):
+        x = _as4d(x, 'x', op)
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        self.dtype = x.dtype
+        self.x = _fortran(x, x.dtype)
+        self.H, self.W, self.C, self.N = x.shape
+        self.method = _method(method, op)
+        self.ph, self.pw = parse_pair(pool_size, 'pool size', op)
+        self.pt, self.pb, self.pl, self.pr = parse_pad(pad, op)
+        self.sy, self.sx = parse_pair(stride, 'stride', op)
+        if self.pt >= self.ph or self.pb >= self.ph or self.pl >= self.pw or self.pr >= self.pw:
+            raise ValueError(f'{op}: a padding value {[self.pt, self.pb, self.pl, self.pr]} is larger than or '
+                             f'equal to the pooling window {[self.ph, self.pw]}')
+        if self.H + self.pt + self.pb < self.ph or self.W + self.pl + self.pr < self.pw:
+            raise ValueError(f'{op}: the pooling window {[self.ph, self.pw]} is larger than the input '
+                             f'{x.shape} (including padding {[self.pt, self.pb, self.pl, self.pr]})')
+        self.Ho = (self.H + self.pt + self.pb - self.ph) // self.sy + 1
+        self.Wo = (self.W + self.pl + self.pr - self.pw) // self.sx + 1
+        # the window is the whole map: one output per channel
+        self.global_ = (self.ph == self.H and self.pw == self.W
+                        and self.pt == self.pb == self.pl == self.pr == 0)
+
+    @property
+    def out_shape(self):
+        return (self.Ho, self.Wo, self.C, self.N)
+
+    def kargs(self):
+        return (self.ph, self.pw, self.pt, self.pl, self.sy, self.sx)
+
+
+def pool_output_size(H, W, pool_size, pad=0, stride=1):
+    """(Ho, Wo) of a pooling, MatConvNet's formula."""
+    ph, pw = parse_pair(pool_size, 'pool size', 'pool')
+    pt, pb, pl, pr = parse_pad(pad, 'pool')
+    sy, sx = parse_pair(stride, 'stride', 'pool')
+    return (H + pt + pb - ph) // sy + 1, (W + pl + pr - pw) // sx + 1
+
+
+def pool_forward(x, pool_size, method='max', pad=0, stride=1):
+    """MatConvNet ``vl_nnpool(x, pool_size, 'method', method, 'pad', pad, 'stride', stride)``.
+    Returns y (Ho, Wo, C, N), Fortran-contiguous, x's dtype."""
+    g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_forward')
+    y = np.empty(g.out_shape, dtype=g.dtype, order='F')
+    if y.size == 0:
+        return y
+    xT, yT = g.x.T, y.T
+    if g.global_ and g.method == 'avg':
+        y2 = yT.reshape(g.N, g.C)
+        np.sum(xT.reshape(g.N, g.C, g.H * g.W), axis=2, out=y2)
+        y2 *= g.dtype.type(1) / g.dtype.type(g.H * g.W)
+        return y
+    if g.method == 'max':
+        _k.max_forward(xT, yT, *g.kargs())
+    else:
+        _k.avg_forward(xT, yT, *g.kargs())
+    return y
+
+
+def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
+    """Derivative of ``pool_forward`` projected on ``dy`` (Ho, Wo, C, N); returns dx like x
+    (Fortran-contiguous, x's dtype)."""
+    g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_backward')
+    dy = _as4d(dy, 'dy', 'pool_backward')
+    if dy.shape != g.out_shape:
+        raise ValueError(f'pool_backward: dy has shape {dy.shape}, expected {g.out_shape} (x {g.x.shape}, '
+                         f'pool {[g.ph, g.pw]}, pad {[g.pt, g.pb, g.pl, g.pr]}, stride {[g.sy, g.sx]})')
+    dy = _fortran(dy, g.dtype)
+    dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
+    if dx.size == 0:
+        return dx
+    xT, dyT, dxT = g.x.T, dy.T, dx.T
+    if g.global_ and g.method == 'avg':
+        scale = g.dtype.type(1) / g.dtype.type(g.H * g.W)
+        np.multiply(dyT.reshape(g.N, g.C, 1), scale, out=dxT.reshape(g.N, g.C, g.H * g.W))
+        return dx
+    if g.method == 'max':
+        _k.max_backward(xT, dyT, dxT, *g.kargs())
+    else:
+        _k.avg_backward(dyT, dxT, *g.kargs())
+    return dx
+
+
+@register('dagnn.Pooling')
+class Pooling(Layer):
+    """``dagnn.Pooling``: inputs [x], no params, outputs [y].
+
+    ``dilate`` is stored because MatConvNet's ``dagnn.Filter`` base class has it (saved
+    nets carry it); ``vl_nnpool`` has no dilation, so only 1 is accepted.
+    """
+    properties = {
+        'method': 'max',
+        'poolSize': [1, 1],
+        'opts': [],
+        'pad': 0,
+        'stride': 1,
+        'dilate': 1,
+    }
+
+    def _check_dilate(self):
+        d = parse_pair(self.dilate, 'dilate', 'Pooling')
+        if d != (1, 1):
+            raise ValueError(f'Pooling: dilate must be 1 (vl_nnpool has no dilation), got {list(d)}')
+
+    def forward(self, inputs, params):
+        self._check_dilate()
+        return [pool_forward(inputs[0], self.poolSize, self.method, pad=self.pad, stride=self.stride)]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        self._check_dilate()
+        return [pool_backward(inputs[0], der_outputs[0], self.poolSize, self.method,
+                              pad=self.pad, stride=self.stride)], []
+
+    def get_output_sizes(self, input_sizes):
+        s = input_sizes[0] if input_sizes else None
+        if s is None:
+            return [None]
+        s = tuple(s) + (1,) * (4 - len(s))
+        ho, wo = pool_output_size(s[0], s[1], self.poolSize, self.pad, self.stride)
+        return [(ho, wo, s[2], s[3])]

@@ -1,0 +1,564 @@
+"""Training: the port of GM-SOP's ``cnn_train_GM_dag.m`` (MatConvNet's ``cnn_train_dag``).
+
+    net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir='exp', batch_size=256,
+                               num_epochs=60, learning_rate=[0.1] * 40 + [0.01] * 20)
+
+Per epoch ``e`` (1-based): the random generators are seeded from ``e + random_seed``
+(train and val orders shuffled, the flips of every batch, ``net.rng`` for dropout and
+the gating noise), so a run resumed from a checkpoint continues exactly as the
+uninterrupted run; the learning rate is ``learning_rate[min(e, len) - 1]``. Training
+runs in batches of ``batch_size`` (the last one smaller), each optionally split into
+``num_sub_batches`` interleaved sub-batches whose derivatives are summed, in 'normal'
+mode with ``der_outputs`` ({'objective': 1}); then :func:`accumulate_gradients` applies
+MatConvNet's SGD update. Validation runs forward only in 'test' mode. Each batch prints a
+progress line as the original (average and current speed in images/s, then every
+statistic)::
+
+    train: epoch 01:   3/ 40: 412.3 (430.1) Hz BalanceLoss: 12.300 objective: 6.905 top1error: 0.998 top5error: 0.990
+
+The statistics are the running ``average`` of every ``dagnn.Loss`` block, named by its
+output var (per image: the loss outputs are sums over the batch and the average divides
+by the images seen), and, for GM nets, ``BalanceLoss``: the mean of the ``Balance_loss``
+value over the evaluations of the epoch (the original records the value of the last
+batch only). After each epoch the net, the SGD state and the statistics are saved to
+``exp_dir/net-epoch-<e>.mat`` (MATLAB v7, written to a temporary file and renamed), and
+the statistics are plotted to ``exp_dir/net-train.pdf`` and ``.png``.
+
+Differences from the original, on purpose:
+  * a parameter whose derivative was not computed in a step (a component module that no
+    image of the batch selected) is not updated in that step; the original applies its
+    stale derivative from the previous batch again (its derivatives are only cleared at
+    the end of an epoch). Its momentum is kept, not decayed.
+  * ``BalanceLoss`` is the mean over the epoch, not the last batch's value.
+  * a checkpoint that cannot be read (half written by a crash of another program, or
+    corrupt) is reported and the one before it is used; the original stops with an
+    error asking to delete the file.
+"""
+import math
+import os
+import re
+import time
+import warnings
+
+import numpy as np
+
+from . import backend
+from .data import get_batch as default_get_batch, imdb_field, make_loader
+
+__all__ = ['cnn_train_dag', 'accumulate_gradients', 'find_last_checkpoint', 'load_checkpoint',
+           'save_checkpoint', 'checkpoint_path', 'train_opts_kwargs', 'extract_stats',
+           'format_progress', 'CheckpointError']
+
+_CKPT_RE = re.compile(r'^net-epoch-(\d+)\.mat$')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (truncated, corrupt or incomplete)."""
+
+
+# ---------------------------------------------------------------------------- update rule
+def accumulate_gradients(net, state, *, learning_rate, batch_size, momentum=0.9, weight_decay=1e-4,
+                         nesterov=False):
+    """Apply MatConvNet's ``accumulateGradients`` to the derivatives the last
+    ``net.eval`` left in ``net.params[i].der``.
+
+    For each param ``p`` with a derivative (params whose ``der`` is None were not
+    reached in this step and are skipped, momentum untouched):
+
+    * 'gradient': ``g = der / batch_size + weight_decay * p.weight_decay * value``;
+      ``mom = momentum * mom - g``; ``value += learning_rate * p.learning_rate * delta``
+      with ``delta = mom``, or ``delta = momentum * mom - g`` when ``nesterov``.
+    * 'average' (BN moments): ``value = (1 - p.learning_rate) * value +
+      (p.learning_rate / batch_size / p.fanout) * der`` (the global learning rate does
+      not enter).
+
+    ``state``: a dict; the momentum is kept in ``state['momentum'][param name]``
+    (missing = zeros). Scalars are applied in the param's dtype; the arrays stay on their
+    device (NumPy or CuPy). Returns ``state``.
+    """
+    moms = state.setdefault('momentum', {})
+    if moms is None:
+        moms = state['momentum'] = {}
+    batch_size = float(batch_size)
+    for p in net.params:
+        der = p.der
+        if der is None or p.value is None:
+            continue
+        value = p.value
+        if der.shape != value.shape:
+            if der.size != value.size:
+                raise ValueError(f'accumulate_gradients: param {p.name!r} has shape {value.shape}, '
+                                 f'its derivative {der.shape}')
+            der = der.reshape(value.shape)
+        dt = value.dtype.type
+        if p.train_method == 'average':
+            lr_p = float(p.learning_rate)
+            fanout = max(int(p.fanout), 1)
+            p.value = (dt(1.0 - lr_p) * value + dt(lr_p / batch_size / fanout) * der).astype(value.dtype, copy=False)
+        elif p.train_method == 'gradient':
+            decay = float(weight_decay) * float(p.weight_decay)
+            lr = float(learning_rate) * float(p.learning_rate)
+            g = dt(1.0 / batch_size) * der + dt(decay) * value
+            m = moms.get(p.name)
+            if m is None:
+                m = -g
+            else:
+                if m.shape != value.shape:
+                    if m.size != value.size:
+                        raise ValueError(f'accumulate_gradients: the momentum of {p.name!r} has shape '
+                                         f'{m.shape}, the param {value.shape}')
+                    m = m.reshape(value.shape)
+                m = dt(momentum) * m - g
+            m = m.astype(value.dtype, copy=False)
+            moms[p.name] = m
+            delta = (dt(momentum) * m - g) if nesterov else m
+            p.value = (value + dt(lr) * delta).astype(value.dtype, copy=False)
+        else:
+            raise ValueError(f"unknown training method {p.train_method!r} for parameter {p.name!r} "
+                             "(expected 'gradient' or 'average')")
+    return state
+
+
+# ---------------------------------------------------------------------------- statistics
+def _loss_class():
+    from .layer import REGISTRY
+    return REGISTRY.get('dagnn.Loss')
+
+
+def _scalar(v):
+    """A Python float from a number or a one-element NumPy/CuPy array."""
+    v = backend.to_host(v)
+    if isinstance(v, tuple):
+        v = v[0]
+    a = np.asarray(v, dtype=np.float64)
+    return float(a.reshape(-1)[0]) if a.size else math.nan
+
+
+def extract_stats(net, stats=None):
+    """The original's ``extractStats``: ``stats[output var] = block.average`` for every
+    ``dagnn.Loss`` layer. Returns the dict (updated in place when given)."""
+    stats = {} if stats is None else stats
+    cls = _loss_class()
+    for l in net.layers:
+        b = l.block
+        if (cls is not None and isinstance(b, cls)) or getattr(b, 'type_name', None) == 'dagnn.Loss':
+            stats[l.outputs[0]] = _scalar(getattr(b, 'average', math.nan))
+    return stats
+
+
+def format_progress(mode, epoch, batch_no, num_batches, average_speed, current_speed, stats):
+    """The per-batch line of the original: ``'%s: epoch %02d: %3d/%3d:'``, then
+    ``' %.1f (%.1f) Hz'`` (average, current speed in images/s), then ``' %s: %.3f'`` for
+    every statistic but num and time, in MATLAB ``setdiff`` (sorted) order."""
+    line = f'{mode}: epoch {epoch:02d}: {batch_no:3d}/{num_batches:3d}: {average_speed:.1f} ({current_speed:.1f}) Hz'
+    for name in sorted(k for k in stats if k not in ('num', 'time')):
+        line += f' {name}: {stats[name]:.3f}'
+    return line
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def checkpoint_path(exp_dir, epoch):
+    return os.path.join(exp_dir, f'net-epoch-{int(epoch)}.mat')
+
+
+def _checkpoint_epochs(exp_dir):
+    if not os.path.isdir(exp_dir):
+        return []
+    eps = []
+    for name in os.listdir(exp_dir):
+        m = _CKPT_RE.match(name)
+        if m:
+            eps.append(int(m.group(1)))
+    return sorted(eps)
+
+
+def find_last_checkpoint(exp_dir):
+    """The highest N of the files ``exp_dir/net-epoch-N.mat`` (0 when none); the file
+    is not opened (see :func:`load_checkpoint`)."""
+    eps = _checkpoint_epochs(exp_dir)
+    return eps[-1] if eps else 0
+
+
+def _stats_records(recs):
+    """Per-epoch dicts with the same fields in the same order (missing -> NaN), as a
+    MATLAB struct array needs them."""
+    names = []
+    for r in recs:
+        for k in r:
+            if k not in names:
+                names.append(k)
+    return [{n: float(r.get(n, math.nan)) for n in names} for r in recs]
+
+
+def _stats_to_mat(stats):
+    """{'train': [dict per epoch], 'val': [...]} -> the MATLAB form (a struct of 1 x E
+    struct arrays) that :func:`pydagnn.io.matfile.to_matlab` writes."""
+    return {split: _stats_records(stats.get(split, [])) for split in ('train', 'val')}
+
+
+def _records(v):
+    """A struct (array) read back with ``to_python`` -> list of dicts of floats."""
+    if v is None:
+        return []
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, (list, tuple)):
+        raise CheckpointError(f'expected a struct array, got {type(v).__name__}')
+    out = []
+    for rec in v:
+        if not isinstance(rec, dict):
+            raise CheckpointError(f'expected a struct array, got an element of type {type(rec).__name__}')
+        r = {}
+        for k, x in rec.items():
+            a = np.asarray(x, dtype=np.float64).reshape(-1) if x is not None else np.zeros(0)
+            r[k] = float(a[0]) if a.size else math.nan
+        out.append(r)
+    return out
+
+
+def _stats_from_mat(v):
+    if not isinstance(v, dict):
+        raise CheckpointError(f'the variable stats is not a struct (got {type(v).__name__})')
+    return {split: _records(v.get(split)) for split in ('train', 'val')}
+
+
+def _state_to_mat(net, state, save_momentum, last_stats):
+    """``state`` as MatConvNet saves it: ``momentum`` a 1 x P cell array in param order
+    (0 for a param never updated; ``[]`` when not saved), ``stats`` the last epoch's."""
+    moms = (state or {}).get('momentum') or {}
+    if save_momentum:
+        cell = [np.asarray(backend.to_host(moms[p.name])) if moms.get(p.name) is not None else 0.0
+                for p in net.params]
+    else:
+        cell = None
+    out = {'momentum': cell}
+    if last_stats is not None:
+        out['stats'] = {k: _stats_records([v])[0] for k, v in last_stats.items()}
+    return out
+
+
+def _momentum_from_mat(net, state):
+    """``state.momentum`` (a cell array in param order, read back with ``to_python``)
+    -> {param name: array shaped and typed as the param}."""
+    if not isinstance(state, dict):
+        return {}
+    cell = state.get('momentum')
+    if cell is None or (isinstance(cell, np.ndarray) and cell.size == 0):
+        return {}
+    if isinstance(cell, np.ndarray) and cell.dtype == object:
+        cell = list(cell.reshape(-1, order='F'))
+    if not isinstance(cell, list):
+        raise CheckpointError(f'state.momentum is not a cell array (got {type(cell).__name__})')
+    if len(cell) != len(net.params):
+        raise CheckpointError(f'state.momentum has {len(cell)} entries, the net has {len(net.params)} params')
+    moms = {}
+    for p, m in zip(net.params, cell):
+        if p.value is None or m is None:
+            continue
+        m = np.asarray(m)
+        if m.size == 1 and p.value.size != 1 and float(m.reshape(-1)[0]) == 0.0:
+            continue  # never updated (MATLAB's initial 0)
+        if m.size != p.value.size:
+            raise CheckpointError(f'state.momentum for param {p.name!r} has shape {m.shape}, '
+                                  f'the param {p.value.shape}')
+        moms[p.name] = np.asarray(m.reshape(p.value.shape, order='F'), dtype=p.value.dtype)
+    return moms
+
+
+def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None):
+    """Write ``net`` (its saveobj struct), ``state`` (``momentum`` as a 1 x P cell array
+    in param order, and the last epoch's ``stats``) and ``stats`` to ``path`` (MATLAB v7)
+    via a temporary file in the same folder, flushed to disk and renamed: a crash leaves
+    either the old file or the complete new one."""
+    from .io.matconvnet import save_matconvnet
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.{os.path.basename(path)[:-4]}.tmp-{os.getpid()}.mat')
+    extra = {'state': _state_to_mat(net, state, save_momentum, last_stats), 'stats': _stats_to_mat(stats)}
+    moved = net.device == 'gpu'
+    try:
+        if moved:
+            net.move('cpu')
+        save_matconvnet(net, tmp, version='7', extra=extra)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        if moved:
+            net.move('gpu')
+
+
+def load_checkpoint(path):
+    """``(net, state, stats)`` from a checkpoint; ``state['momentum']`` maps param names
+    to arrays. Raises :class:`CheckpointError` naming the file when it cannot be read or
+    lacks ``net`` or ``stats`` (a partial save)."""
+    from .io.matconvnet import load_matconvnet
+    from .io.matfile import read_mat, to_python
+    try:
+        mat = read_mat(path, variable_names=['state', 'stats'])
+        if 'stats' not in mat:
+            raise CheckpointError(f"checkpoint {path} was only partially saved: it has no variable 'stats'")
+        stats = _stats_from_mat(to_python(mat['stats'], 'stats'))
+        net = load_matconvnet(path)
+        moms = _momentum_from_mat(net, to_python(mat['state'], 'state')) if 'state' in mat else {}
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f'checkpoint {path} cannot be read ({type(e).__name__}: {e})') from e
+    return net, {'momentum': moms}, stats
+
+
+# ---------------------------------------------------------------------------- options
+_TRAIN_OPTS = {'learningRate': 'learning_rate', 'numEpochs': 'num_epochs', 'momentum': 'momentum',
+               'batchSize': 'batch_size', 'weightDecay': 'weight_decay', 'numSubBatches': 'num_sub_batches',
+               'nesterovUpdate': 'nesterov', 'randomSeed': 'random_seed', 'gpus': 'gpus',
+               'derOutputs': 'der_outputs', 'continue': 'continue_', 'prefetch': 'prefetch',
+               'saveMomentum': 'save_momentum', 'plotStatistics': 'plot_statistics', 'expDir': 'exp_dir'}
+
+
+def train_opts_kwargs(train_opts):
+    """MatConvNet-named options (``net.meta['trainOpts']``: learningRate, numEpochs,
+    batchSize, ...) -> keyword arguments of :func:`cnn_train_dag`. Unknown names are
+    an error."""
+    out = {}
+    for k, v in dict(train_opts or {}).items():
+        if k not in _TRAIN_OPTS:
+            raise ValueError(f'train_opts_kwargs: unknown training option {k!r} (known: {", ".join(_TRAIN_OPTS)})')
+        if isinstance(v, np.ndarray):
+            v = v.reshape(-1).tolist()
+            if k != 'learningRate' and len(v) == 1:
+                v = v[0]
+        if k in ('numEpochs', 'batchSize', 'numSubBatches', 'randomSeed'):
+            v = int(v)
+        out[_TRAIN_OPTS[k]] = v
+    return out
+
+
+def _lr_list(learning_rate):
+    if np.ndim(learning_rate) == 0:
+        return [float(learning_rate)]
+    lrs = [float(v) for v in np.asarray(learning_rate, dtype=np.float64).reshape(-1)]
+    if not lrs:
+        raise ValueError('cnn_train_dag: learning_rate is empty')
+    return lrs
+
+
+def _indices(x, default):
+    if x is None:
+        return default
+    a = np.asarray(x, dtype=np.float64).reshape(-1)
+    if a.size == 1 and np.isnan(a[0]):
+        return np.zeros(0, dtype=np.int64)
+    return a.astype(np.int64)
+
+
+def _call_get_batch(get_batch, imdb, idx, mode, seed):
+    return get_batch(imdb, idx, mode=mode, rng=np.random.default_rng(seed))
+
+
+# ---------------------------------------------------------------------------- the loop
+def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub_batches=1, num_epochs=None,
+                  learning_rate=0.001, weight_decay=1e-4, momentum=0.9, nesterov=False, der_outputs=None,
+                  train=None, val=None, gpus=(), continue_=True, random_seed=0, prefetch=True,
+                  save_momentum=True, plot_statistics=True, conserve_memory=True, log=None):
+    """Train ``net`` on ``imdb`` (see the module docstring). Returns ``(net, stats)``
+    with ``stats = {'train': [dict per epoch], 'val': [...]}``; each dict holds ``num``
+    (images), ``time`` (seconds, the original's measure that discounts the first
+    batches) and every statistic.
+
+    get_batch: ``get_batch(imdb, indexes, mode=..., rng=...)`` -> ``{'input': ...,
+    'label': ...}`` (or a flat name/value list); default :func:`pydagnn.data.get_batch`.
+    ``rng`` is a ``numpy.random.Generator`` seeded per batch from the epoch seed.
+    train, val: 0-based imdb indexes (default: ``images.set == 1`` / ``== 2``; NaN or an
+    empty list for none; with no training images nothing is trained or saved).
+    learning_rate: a number or a per-epoch list. num_epochs: default the list's length.
+    gpus: e.g. ``[0]`` to train on the GPU (``net.move('gpu')``; one GPU only).
+    continue_: resume after the last complete checkpoint in ``exp_dir``; the returned net
+    is then the one loaded from it. prefetch: prepare the next batch on a background
+    thread. log: a function taking one line (default: print to stdout, flushed).
+    """
+    if log is None:
+        def log(line):
+            print(line, flush=True)
+    lrs = _lr_list(learning_rate)
+    if num_epochs is None:
+        if np.ndim(learning_rate) == 0:
+            raise ValueError('cnn_train_dag: give num_epochs (or a per-epoch learning_rate list)')
+        num_epochs = len(lrs)
+    num_epochs = int(num_epochs)
+    batch_size = int(batch_size)
+    num_sub_batches = int(num_sub_batches)
+    if batch_size < 1 or num_sub_batches < 1:
+        raise ValueError(f'cnn_train_dag: batch_size ({batch_size}) and num_sub_batches ({num_sub_batches}) '
+                         'must be positive')
+    der_outputs = {'objective': 1.0} if der_outputs is None else der_outputs
+    get_batch = default_get_batch if get_batch is None else get_batch
+    gpus = [] if gpus is None else list(np.atleast_1d(gpus)) if not isinstance(gpus, (list, tuple)) else list(gpus)
+    if len(gpus) > 1:
+        raise NotImplementedError('cnn_train_dag: training on several GPUs is not supported; give one')
+    sets = np.asarray(imdb_field(imdb, 'images', 'set')).reshape(-1)
+    train = _indices(train, np.nonzero(sets == 1)[0])
+    val = _indices(val, np.nonzero(sets == 2)[0])
+    evaluate_mode = train.size == 0
+    if not evaluate_mode and not der_outputs:
+        raise ValueError('cnn_train_dag: der_outputs must be given when training')
+    os.makedirs(exp_dir, exist_ok=True)
+
+    state = {'momentum': {}}
+    stats = {'train': [], 'val': []}
+    start = 0
+    if continue_:
+        start, loaded = _resume(exp_dir, log)
+        if start:
+            net, state, stats = loaded
+            stats = {k: list(v)[:start] for k, v in stats.items()}
+    if isinstance(net.meta.get('trainOpts'), dict):
+        net.meta['trainOpts']['learningRate'] = lrs if len(lrs) > 1 else lrs[0]
+    for name in ('gating', 'Balance_loss'):  # read after eval (gating for routing, stats)
+        try:
+            net.get_var(name).precious = True
+        except KeyError:
+            pass
+    net.conserve_memory = bool(conserve_memory)
+    if gpus:
+        net.move('gpu')
+        state['momentum'] = {k: backend.to_device(v, 'gpu') for k, v in state['momentum'].items()}
+
+    opts = dict(batch_size=batch_size, num_sub_batches=num_sub_batches, der_outputs=der_outputs,
+                momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, prefetch=prefetch)
+    for epoch in range(start + 1, num_epochs + 1):
+        seed = epoch + int(random_seed)
+        rng = np.random.default_rng(seed)
+        lr = lrs[min(epoch, len(lrs)) - 1]
+        train_order = train[rng.permutation(train.size)]
+        val_order = val[rng.permutation(val.size)]
+        net.rng = np.random.default_rng([seed, 1])
+        last = {}
+        last['train'] = _process_epoch(net, state, imdb, get_batch, 'train', train_order, epoch, lr, seed, opts, log)
+        last['val'] = _process_epoch(net, state, imdb, get_batch, 'val', val_order, epoch, lr, seed, opts, log)
+        stats['train'].append(last['train'])
+        stats['val'].append(last['val'])
+        if not evaluate_mode:
+            t0 = time.perf_counter()
+            path = checkpoint_path(exp_dir, epoch)
+            save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last)
+            log(f'cnn_train_dag: saved {path} ({time.perf_counter() - t0:.1f} s)')
+        if plot_statistics:
+            from .plots import plot_stats
+            try:
+                plot_stats(stats, os.path.join(exp_dir, 'net-train'), log=log)
+            except Exception as e:  # a figure must never stop training
+                log(f'plots: could not draw net-train.pdf/.png ({type(e).__name__}: {e})')
+    if net.device == 'gpu':
+        for k, v in list(state['momentum'].items()):
+            state['momentum'][k] = backend.to_host(v)
+    return net, stats
+
+
+def _resume(exp_dir, log):
+    """(epoch, (net, state, stats)) of the newest readable checkpoint, or (0, None)."""
+    for ep in reversed(_checkpoint_epochs(exp_dir)):
+        path = checkpoint_path(exp_dir, ep)
+        try:
+            loaded = load_checkpoint(path)
+        except CheckpointError as e:
+            msg = f'cnn_train_dag: {e}; ignoring it and trying the previous checkpoint'
+            log(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            continue
+        log(f'cnn_train_dag: resuming by loading epoch {ep}')
+        return ep, loaded
+    return 0, None
+
+
+def _batch_jobs(subset, batch_size, num_sub_batches, mode, seed):
+    """(list of batches, each a list of sub-batch jobs (indexes, mode, flip seed))."""
+    batches = []
+    call = 0
+    phase = 0 if mode == 'train' else 1
+    n = subset.size
+    for t in range(0, n, batch_size):
+        end = min(t + batch_size, n)
+        subs = []
+        for s in range(num_sub_batches):
+            idx = subset[t + s:end:num_sub_batches]
+            subs.append((idx, mode, [seed, 2, phase, call]))
+            call += 1
+        batches.append(subs)
+    return batches
+
+
+def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, opts, log):
+    bs = opts['batch_size']
+    batches = _batch_jobs(subset, bs, opts['num_sub_batches'], mode, seed)
+    jobs = [(imdb, idx, m, sd) for subs in batches for (idx, m, sd) in subs if idx.size]
+
+    def fetch(imdb_, idx, m, sd):
+        return _call_get_batch(get_batch, imdb_, idx, m, sd)
+
+    stats = {'num': 0, 'time': 0.0}
+    bl_sum, bl_n = 0.0, 0
+    has_bl = any('Balance_loss' in l.outputs for l in net.layers)
+    num = 0
+    adjust_time = 0.0
+    n = subset.size
+    num_batches = len(batches)
+    start = time.perf_counter()
+    loader = make_loader(jobs, fetch, prefetch=opts['prefetch'])
+    try:
+        for b, subs in enumerate(batches):
+            t = b * bs
+            this_bs = min(bs, n - t)
+            for s, (idx, _, _) in enumerate(subs):
+                num += idx.size
+                if idx.size == 0:
+                    continue
+                inputs = next(loader)
+                if mode == 'train':
+                    net.mode = 'normal'
+                    net.accumulate_param_ders = s != 0
+                    net.eval(inputs, opts['der_outputs'])
+                else:
+                    net.mode = 'test'
+                    net.accumulate_param_ders = False
+                    net.eval(inputs)
+                if has_bl:
+                    v = net.get_var('Balance_loss').value
+                    if v is not None:
+                        bl_sum += _scalar(v)
+                        bl_n += 1
+            net.accumulate_param_ders = False
+            if mode == 'train':
+                accumulate_gradients(net, state, learning_rate=lr, batch_size=this_bs, momentum=opts['momentum'],
+                                     weight_decay=opts['weight_decay'], nesterov=opts['nesterov'])
+            now = time.perf_counter() - start + adjust_time
+            batch_time = now - stats['time']
+            stats['num'] = num
+            stats['time'] = now
+            if has_bl and bl_n:
+                stats['BalanceLoss'] = bl_sum / bl_n
+            extract_stats(net, stats)
+            current_speed = this_bs / batch_time if batch_time > 0 else math.inf
+            average_speed = (t + this_bs) / now if now > 0 else math.inf
+            if t == 3 * bs:  # the first three batches are outliers: count them at this one's speed
+                adjust_time = 4 * batch_time - now
+                stats['time'] = now + adjust_time
+            log(format_progress(mode, epoch, b + 1, num_batches, average_speed, current_speed, stats))
+    finally:
+        loader.close()
+        net.accumulate_param_ders = False
+    total = time.perf_counter() - start
+    if num_batches:
+        share = 100.0 * loader.wait_time / total if total > 0 else 0.0
+        log(f'{mode}: epoch {epoch:02d}: waited {loader.wait_time:.2f} s of {total:.2f} s for data '
+            f'({share:.1f}%, {"prefetch" if opts["prefetch"] else "no prefetch"})')
+    net.reset()
+    return stats
