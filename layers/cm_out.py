@@ -34,7 +34,8 @@ def routed_indices(mask):
 
 def _counts(ys, K, op):
     if len(ys) != K:
-        raise ValueError(f'{op}: got {len(ys)} CM outputs for {K} CMs (the gating mask has {K} rows)')
+        raise ValueError(f'{op}: got {len(ys)} CM outputs for {K} CMs '
+                         f'(the gating mask has {K} rows)')
     n = []
     for i, y in enumerate(ys):
         if y is None or y.size == 0:
@@ -51,14 +52,15 @@ def _check_routing(mask, n, op):
         have = mask.sum(axis=1)
         for i, (a, b) in enumerate(zip(have.tolist(), n)):
             if a != b:
-                raise ValueError(f'{op}: CM {i + 1} output has {b} images, its gating mask selects {a}')
+                raise ValueError(f'{op}: CM {i + 1} output has {b} images, '
+                                 f'its gating mask selects {a}')
 
 
 def _dim(ys, default, op):
     dims = {y.shape[2] for y in ys if y is not None and y.size}
     if len(dims) > 1:
         raise ValueError(f'{op}: CM outputs have different sizes {sorted(dims)}')
-    return dims.pop() if dims else int(default)
+    return dims.pop() if dims else int(np.asarray(default).ravel()[0])
 
 
 def cm_out_forward(sfm, mask, ys, hdim=None):

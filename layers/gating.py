@@ -51,7 +51,8 @@ def _first(v):
 
 
 def _cols(x, op):
-    """An ``H x W x D x N`` (or 2-D ``D x N``) array as the ``D x N`` matrix ``reshape(x, [], N)``."""
+    """An ``H x W x D x N`` (or 2-D ``D x N``) array as the ``D x N`` matrix
+    ``reshape(x, [], N)``."""
     if x.ndim == 2:
         return x
     N = x.shape[-1] if x.ndim == 4 else 1

@@ -52,7 +52,7 @@ def _method(method):
 
 def _eps_of(a, xp):
     """MATLAB's eps(a): the spacing of floating point numbers at |a|."""
-    m, e = xp.frexp(xp.abs(a))
+    _, e = xp.frexp(xp.abs(a))
     return xp.ldexp(xp.asarray(np.finfo(a.dtype).eps, dtype=a.dtype), e - 1)
 
 
@@ -99,7 +99,7 @@ def mpn_cov_forward(x, method='covariance_small', regu_method='power', alpha=0.5
     xp = get_array_module(x)
     x = _as4(x, 'mpn_cov_forward')
     H, W, D, N = x.shape
-    method = _method(method)
+    method, regu_method = _method(method), _method(regu_method)
     alpha = float(np.asarray(alpha).ravel()[0])
     epsilon = float(np.asarray(epsilon).ravel()[0])
     _, V, s, keep = _decompose(x)
@@ -127,7 +127,7 @@ def mpn_cov_backward(x, V, S, dy, method='covariance_small', regu_method='power'
     x = _as4(x, 'mpn_cov_backward')
     H, W, D, N = x.shape
     n = H * W
-    method = _method(method)
+    method, regu_method = _method(method), _method(regu_method)
     alpha = float(np.asarray(alpha).ravel()[0])
     epsilon = float(np.asarray(epsilon).ravel()[0])
     xt = x.T.reshape(N, D, W * H)
@@ -145,14 +145,16 @@ def mpn_cov_backward(x, V, S, dy, method='covariance_small', regu_method='power'
     if method == 'covariance_small':
         L = D * (D + 1) // 2
         if dy.size != L * N:
-            raise ValueError(f'mpn_cov_backward: dy has shape {dy.shape}, expected (1, 1, {L}, {N})')
+            raise ValueError(f'mpn_cov_backward: dy has shape {dy.shape}, '
+                             f'expected (1, 1, {L}, {N})')
         G = xp.zeros((N, D, D), dtype=x.dtype)
         r, c = triu_indices_colmajor(D, xp)
         G[:, r, c] = dy.reshape(L, N, order='F').T
         G = (G + G.swapaxes(1, 2)) * 0.5
     else:
         if dy.size != D * D * N:
-            raise ValueError(f'mpn_cov_backward: dy has shape {dy.shape}, expected (1, 1, {D * D}, {N})')
+            raise ValueError(f'mpn_cov_backward: dy has shape {dy.shape}, '
+                             f'expected (1, 1, {D * D}, {N})')
         G = dy.reshape(D, D, N, order='F').transpose(2, 0, 1)
     Gs = (G + G.swapaxes(1, 2)) * 0.5
     f = _fun(s, keep, regu_method, alpha, epsilon, xp)

@@ -5,10 +5,10 @@ import pytest
 
 from pydagnn.gradcheck import assert_close, check_block, numerical_derivative
 from pydagnn.layer import REGISTRY
-from pydagnn.layers.cov import (OBJ_ConvNet_COV_Pool, OBJ_ConvNet_COV_ScaleTr, OBJ_ConvNet_Cov_Sqrtm,
-                                OBJ_ConvNet_Cov_TraceNorm, cov_pool_forward, scale_tr_backward,
-                                scale_tr_forward, sqrtm_backward, sqrtm_forward, trace_norm_backward,
-                                trace_norm_forward, triu_indices_colmajor)
+from pydagnn.layers.cov import (OBJ_ConvNet_COV_Pool, OBJ_ConvNet_COV_ScaleTr,
+                                OBJ_ConvNet_Cov_Sqrtm, OBJ_ConvNet_Cov_TraceNorm, cov_pool_forward,
+                                scale_tr_backward, scale_tr_forward, sqrtm_backward, sqrtm_forward,
+                                trace_norm_backward, trace_norm_forward, triu_indices_colmajor)
 from pydagnn.layers.mpn_cov import MPN_COV_Pool, mpn_cov_forward
 
 
@@ -223,7 +223,8 @@ def test_blocks_without_derivative_return_none(rng):
 
 
 # ---------------------------------------------------------------- MPN-COV (eigen-decomposition)
-@pytest.mark.parametrize('method,regu', [('covariance_small', 'power'), ('covariance_small', 'mat-l2'),
+@pytest.mark.parametrize('method,regu', [('covariance_small', 'power'),
+                                         ('covariance_small', 'mat-l2'),
                                          ('covariance_small', 'log'), ('full', 'power')])
 def test_mpn_cov_gradcheck(rng, method, regu):
     x = rng.standard_normal((4, 5, 6, 2))

@@ -271,7 +271,8 @@ def test_balance_loss_formula_is_the_exact_derivative():
     s /= s.sum(axis=0)
     loss, rsd, w_sum = balance_loss_forward(s, 100)
     ws = s.sum(axis=1)
-    assert np.isclose(rsd[0, 0], ws.std(ddof=1) / ws.mean()) and np.isclose(loss[0, 0], 100 * rsd[0, 0] ** 2)
+    assert np.isclose(rsd[0, 0], ws.std(ddof=1) / ws.mean())
+    assert np.isclose(loss[0, 0], 100 * rsd[0, 0] ** 2)
     assert w_sum.shape == (K, 1) and loss.shape == rsd.shape == (1, 1)
     d = balance_loss_backward(s, 100, rsd, w_sum)
     _check('Balance_loss', lambda: float(balance_loss_forward(s, 100)[0][0, 0]), s, d)
@@ -370,7 +371,8 @@ def test_gm_sop_blocks_in_a_net():
                       [f'CM_{i}_a'], [f'CM_{i}_a_f'])
         net.set_route(f'CM_{i}_a_conv', 'gating', i)
         outs.append(isqrt(f'CM_{i}_', f'CM_{i}_a'))
-    net.add_layer('Fusion_out', CM_out(CM_num=K_, topk=k, hdim=L), ['gating'] + outs, ['Fusion_out'])
+    net.add_layer('Fusion_out', CM_out(CM_num=K_, topk=k, hdim=L), ['gating'] + outs,
+                  ['Fusion_out'])
     net.get_var('Balance_loss').precious = True
     net.init_params(np.random.default_rng(1), np.float64)
     rng = np.random.default_rng(5)

@@ -4,8 +4,8 @@ vl_nncov_traceNorm, vl_nncov_sqrtm with the corrected CPU backward), float32,
 import numpy as np
 import pytest
 
-from pydagnn.layers.cov import (OBJ_ConvNet_COV_Pool, OBJ_ConvNet_COV_ScaleTr, OBJ_ConvNet_Cov_Sqrtm,
-                                OBJ_ConvNet_Cov_TraceNorm)
+from pydagnn.layers.cov import (OBJ_ConvNet_COV_Pool, OBJ_ConvNet_COV_ScaleTr,
+                                OBJ_ConvNet_Cov_Sqrtm, OBJ_ConvNet_Cov_TraceNorm)
 from pydagnn.testing import load_fixture, rel_err
 
 TOL = 1e-5
