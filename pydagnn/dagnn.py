@@ -125,6 +125,30 @@ def _first(v):
     return v[0] if isinstance(v, tuple) else v
 
 
+def _noop():
+    pass
+
+
+def _gather_images(x, idx):
+    """Images ``idx`` (last axis) of an ``H x W x C x N`` map, Fortran-contiguous when x
+    is: with Fortran order each image is a contiguous block, so this is a row gather of
+    the C-order ``.T`` view (one kernel on the GPU)."""
+    if x.ndim == 0:
+        return x
+    return x.T[idx].T
+
+
+def _move_block_state(block, device):
+    """Move the NumPy / CuPy arrays among a block's plain (transient, not stored)
+    attributes to ``device``; stored properties (``size``, ``pad``, ...) stay on the host."""
+    stored = getattr(block, 'properties', {})
+    for name, val in list(vars(block).items()):
+        if name == 'net' or name in stored:
+            continue
+        if isinstance(val, np.ndarray) or backend.is_gpu_array(val):
+            setattr(block, name, backend.to_device(val, device))
+
+
 class DagNN:
     """A MatConvNet DagNN.
 
@@ -147,7 +171,14 @@ class DagNN:
         self.computing_derivative = False
         self._order = None
         self._pending_order = None
+        self._sizing = False
         self._routes = {}
+        self._route_cache = {}
+        #: on the GPU, synchronise the device around every layer call so that the
+        #: per-layer ``forward_time`` / ``backward_time`` measure the layer's GPU work
+        #: (for profiling; it serialises the host and the device, so leave it off
+        #: when timing whole steps)
+        self.sync_timing = False
         self._dirty = True
         self._var_map = {}
         self._param_map = {}
@@ -417,9 +448,18 @@ class DagNN:
             l.block.reset()
 
     def move(self, device):
-        """Move params to 'cpu' (NumPy) or 'gpu' (CuPy); var values are cleared."""
+        """Move params to 'cpu' (NumPy) or 'gpu' (CuPy); var values are cleared.
+
+        Blocks follow: a block's ``move(device)`` hook is called when it has one, else
+        every NumPy / CuPy array among its plain attributes (a dropout mask, the loss
+        average, fixed H_x noise) is moved. ``move('gpu')`` raises a RuntimeError that
+        says why when CuPy or a CUDA device is missing (nothing is changed then).
+        The optimizer's momentum lives outside the net (``cnn_train_dag``'s state);
+        :func:`pydagnn.train.accumulate_gradients` moves it to the param's device."""
         if device not in ('cpu', 'gpu'):
             raise ValueError(f"move: device must be 'cpu' or 'gpu', got {device!r}")
+        if device == 'gpu':
+            backend.require_gpu("DagNN.move('gpu')")
         for v in self.vars:
             v.value = v.der = None
         for p in self.params:
@@ -429,6 +469,9 @@ class DagNN:
             hook = getattr(l.block, 'move', None)
             if hook is not None:
                 hook(device)
+            else:
+                _move_block_state(l.block, device)
+        self._route_cache = {}
         self.device = device
 
     def num_params(self, include_moments=False):
@@ -481,6 +524,8 @@ class DagNN:
         free = self.conserve_memory and not self.computing_derivative
         skipped = set()
         self._routes = {}
+        self._route_cache = {}
+        sync = self._timing_sync()
         for li in self._order:
             layer = self.layers[li]
             ins = self._layer_inputs(layer, skipped)
@@ -490,20 +535,32 @@ class DagNN:
                     self.vars[o].value = None
                 continue
             pars = [self.params[i].value for i in layer.param_indexes]
+            sync()
             t0 = time.perf_counter()
             outs = self._call(layer, 'forward', ins, pars)
+            sync()
             layer.forward_time = time.perf_counter() - t0
             if not isinstance(outs, (list, tuple)) or len(outs) != len(layer.outputs):
                 raise EvalError(f'layer {layer.name!r} ({layer.type}) returned '
                                 f'{len(outs) if isinstance(outs, (list, tuple)) else type(outs).__name__} '
                                 f'outputs, it declares {len(layer.outputs)}: {layer.outputs}')
             for o, val in zip(layer.output_indexes, outs):
-                self.vars[o].value = val
+                self.vars[o].value = self._select_all(o, val) if self._sizing else val
             for i in layer.input_indexes:
                 pending[i] -= 1
                 if pending[i] == 0 and free and not self.vars[i].precious:
                     self.vars[i].value = None
         return skipped
+
+    def _select_all(self, var_index, value):
+        """In :meth:`get_var_sizes`, a gate var selects every image for every component,
+        so that every routed branch runs on the whole batch and reports its size."""
+        name = self.vars[var_index].name
+        if isinstance(value, tuple) and len(value) > 1 and any(
+                l.route and l.route[0] == name for l in self.layers):
+            xp = backend.get_array_module(value[1])
+            return (value[0], xp.ones(value[1].shape, dtype=bool)) + tuple(value[2:])
+        return value
 
     def _layer_inputs(self, layer, skipped):
         """The input values of a layer, routed if it has a route; None = skip the layer
@@ -526,19 +583,43 @@ class DagNN:
                 self._routes[layer.name] = idx
                 return None
             self._routes[layer.name] = idx
-            xp = backend.get_array_module(ins[0])
-            ins[0] = xp.take(ins[0], idx, axis=ins[0].ndim - 1)
+            ins[0] = _gather_images(ins[0], idx)
         return ins
 
     def _route_index(self, layer):
+        """The batch indices (in batch order) of the images the layer's gate selects for
+        its component: a device array on the GPU. All components of one gate are
+        resolved together, once per eval: one argsort of the mask on the device and
+        the per-component counts on the host, taken from the gate value's ``counts``
+        when the gating block provides them (it reads them with its own single
+        device-to-host transfer), else fetched here in one transfer."""
         gate_name, k = layer.route
-        gate = self.get_var(gate_name).value
-        if not isinstance(gate, tuple) or len(gate) < 2:
-            raise EvalError(f'layer {layer.name!r} is routed by var {gate_name!r}, whose value is '
-                            f'{_shape_str(gate)}; expected the gating tuple (weights, mask, ...)')
-        mask = gate[1]
-        xp = backend.get_array_module(mask)
-        return xp.nonzero(mask[int(k) - 1])[0]
+        cached = self._route_cache.get(gate_name)
+        if cached is None:
+            gate = self.get_var(gate_name).value
+            if not isinstance(gate, tuple) or len(gate) < 2:
+                raise EvalError(f'layer {layer.name!r} is routed by var {gate_name!r}, whose value is '
+                                f'{_shape_str(gate)}; expected the gating tuple (weights, mask, ...)')
+            mask = gate[1]
+            xp = backend.get_array_module(mask)
+            mask = mask.astype(bool, copy=False)
+            if mask.ndim != 2:
+                mask = mask.reshape(mask.shape[0], -1)
+            counts = getattr(gate, 'counts', None)
+            if counts is None:
+                counts = backend.to_host(mask.sum(axis=1))
+            counts = [int(c) for c in np.asarray(counts).reshape(-1)]
+            K, N = mask.shape
+            ar = xp.arange(N)
+            keys = xp.where(mask, ar[None, :], N + ar[None, :])   # selected first, in batch order
+            order = xp.argsort(keys, axis=1)
+            cached = self._route_cache[gate_name] = (order, counts)
+        order, counts = cached
+        i = int(k) - 1
+        if not 0 <= i < len(counts):
+            raise EvalError(f'layer {layer.name!r} is routed to component {k} of var {gate_name!r}, '
+                            f'whose mask has {len(counts)} rows')
+        return order[i, :counts[i]]
 
     def _skipped_var(self, var_index, skipped):
         for li in skipped:
@@ -573,15 +654,25 @@ class DagNN:
             if val is None:
                 raise EvalError(f'der_outputs names {name!r}, which has no value after forward')
             xp = backend.get_array_module(val)
-            d = xp.asarray(d, dtype=val.dtype)
-            if d.size == 1:
-                d = xp.full(val.shape, d.reshape(()), dtype=val.dtype)
+            if not backend.is_gpu_array(d) and np.size(d) == 1:
+                # a host scalar: fill on the device, no transfer
+                d = xp.full(val.shape, np.asarray(d).reshape(()).item(), dtype=val.dtype)
+            else:
+                d = xp.asarray(d, dtype=val.dtype)
+            if d.size == 1 and d.shape != val.shape:
+                d = xp.broadcast_to(d.reshape(()), val.shape).copy()
             elif d.shape != val.shape:
                 raise EvalError(f'der_outputs[{name!r}] has shape {d.shape}, the var has {val.shape}')
             var.der = d
 
+    def _timing_sync(self):
+        if self.sync_timing and self.device == 'gpu':
+            return backend.synchronize
+        return _noop
+
     def _backward(self, skipped):
         touched = set()
+        sync = self._timing_sync()
         for li in reversed(self._order):
             layer = self.layers[li]
             if li in skipped:
@@ -592,13 +683,14 @@ class DagNN:
             ins = [self.vars[i].value for i in layer.input_indexes]
             idx = self._routes.get(layer.name) if layer.route is not None else None
             if idx is not None:
-                xp = backend.get_array_module(ins[0])
                 full = ins[0]
-                ins[0] = xp.take(full, idx, axis=full.ndim - 1)
+                ins[0] = _gather_images(full, idx)
             pars = [self.params[i].value for i in layer.param_indexes]
             outs = [self.vars[o].value for o in layer.output_indexes]
+            sync()
             t0 = time.perf_counter()
             der_ins, der_pars = self._call(layer, 'backward', ins, pars, ders, outs)
+            sync()
             layer.backward_time = time.perf_counter() - t0
             if idx is not None and der_ins and der_ins[0] is not None:
                 der_ins = list(der_ins)
@@ -613,9 +705,12 @@ class DagNN:
 
     @staticmethod
     def _scatter(full, idx, der):
+        """The derivative for the whole batch: ``der`` (images ``idx``) at their places,
+        zero elsewhere. With Fortran order every image is one contiguous block, so this
+        is a row scatter of the C-order ``.T`` views (one kernel on the GPU)."""
         xp = backend.get_array_module(der)
         out = xp.zeros(full.shape, dtype=der.dtype, order='F')
-        out[..., idx] = der
+        out.T[idx] = der.T
         return out
 
     def _accumulate_inputs(self, layer, der_ins):
@@ -647,15 +742,14 @@ class DagNN:
         """Sizes of every var for the given input sizes (``{'input': (64, 64, 3, 1), ...}``),
         as a dict var name -> shape tuple (of the first element for tuple-valued vars).
         Runs one forward pass in 'test' mode on zeros (label-like inputs get ones), with
-        routing off so every layer runs on the whole batch."""
+        every gate selecting every image so that every layer runs on the whole batch."""
         self._rebuild()
-        saved = (self.mode, self.conserve_memory, [l.route for l in self.layers],
+        saved = (self.mode, self.conserve_memory, None,
                  [(v.value, v.der) for v in self.vars], [dict(l.block.__dict__) for l in self.layers],
                  self.rng.bit_generator.state)
         try:
             self.mode, self.conserve_memory = 'test', False
-            for l in self.layers:
-                l.route = None
+            self._sizing = True
             feed = {}
             for name, size in dict(input_sizes).items():
                 size = tuple(int(s) for s in size)
@@ -667,8 +761,7 @@ class DagNN:
                     if v.value is not None and hasattr(_first(v.value), 'shape')}
         finally:
             self.mode, self.conserve_memory = saved[0], saved[1]
-            for l, r in zip(self.layers, saved[2]):
-                l.route = r
+            self._sizing = False
             for v, (val, der) in zip(self.vars, saved[3]):
                 v.value, v.der = val, der
             for l, state in zip(self.layers, saved[4]):

@@ -300,7 +300,7 @@ def _describe(v):
     if isinstance(v, MatObject):
         return f'a MATLAB {v.classname}'
     if isinstance(v, str):
-        return f'the string {v!r}'
+        return f'the string {v[:60]!r}' + ('...' if len(v) > 60 else '')
     return type(v).__name__
 
 
@@ -471,7 +471,8 @@ def _from_dagnn_struct(top, ctx, prefix):
             _check_param_shapes(layer, values)
         except ValueError as err:
             i = net.layer_index(layer.name)
-            raise ctx.error(f'{prefix}layers({i + 1})', f'layer {layer.name!r} ({layer.block.type_name}): {err}') from None
+            raise ctx.error(f'{prefix}layers({i + 1})',
+                            f'layer {layer.name!r} ({layer.block.type_name}): {err}') from None
 
     # vars
     for i, e in enumerate(V.elements):
@@ -742,8 +743,11 @@ def from_simplenn(top, _ctx=None, _prefix=''):
                 raise ctx.error(f'{w}.weights', f'layer {name!r}: a bnorm layer needs gains and biases')
             pinfo += [(f'{name}m', wts[0], 'vector'), (f'{name}b', wts[1], 'vector'),
                       (f'{name}x', wts[2], 'moments')]
+            # fromSimpleNN leaves numChannels empty and epsilon at the block's default;
+            # both are filled in from the layer (tidy's epsilon default is 1e-5)
             if isinstance(wts[0], np.ndarray) and wts[0].size:
                 props['numChannels'] = np.array([[float(wts[0].size)]])
+            props['epsilon'] = _num(layer['epsilon'], f'{w}.epsilon', ctx)
         else:
             if ctx.strict:
                 raise ctx.error(w, f'layer {name!r} has the SimpleNN type {t!r}, which fromSimpleNN does not '
@@ -775,9 +779,6 @@ def from_simplenn(top, _ctx=None, _prefix=''):
                 _check_param_shapes(net.layers[-1], [net.get_param(p[0]).value for p in pinfo])
             except ValueError as err:
                 raise ctx.error(w, f'layer {name!r}: {err}') from None
-        if _truthy(layer.get('precious')):
-            for o in outputs:
-                net.get_var(o).precious = True
 
     inputs_meta = net.meta.get('inputs') if isinstance(net.meta, dict) else None
     if net.layers and inputs_meta:
@@ -787,12 +788,6 @@ def from_simplenn(top, _ctx=None, _prefix=''):
             inputs_meta[0]['name'] = net.layers[0].inputs[0]
     _finalize(net, ctx)
     return net
-
-
-def _truthy(v):
-    if isinstance(v, np.ndarray):
-        return v.size == 1 and bool(v.reshape(-1)[0])
-    return bool(v)
 
 
 # ---------------------------------------------------------------------------- saving

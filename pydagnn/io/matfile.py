@@ -1,4 +1,5 @@
-"""MATLAB ``.mat`` files: v5/v7 through :mod:`scipy.io`, v7.3 (HDF5) through h5py.
+"""MATLAB ``.mat`` files: v5/v7 (read by a checked pure-Python parser, written with
+:mod:`scipy.io`), v7.3 (HDF5) through h5py.
 
 Both readers give the same in-memory form, close to MATLAB's own:
 
@@ -10,8 +11,7 @@ struct array         :class:`MatStruct` (``shape``, ``fields``, ``elements``:
 cell array           :class:`MatCell` (``shape``, ``items``, column-major)
 char                 ``str`` (a char matrix with several rows: list of str)
 numeric, logical     ``numpy.ndarray`` with the MATLAB shape (>= 2-D) and class;
-                     logical is ``bool`` (v5/v7 through a hook into scipy's reader;
-                     with plain ``loadmat`` it would be ``uint8``)
+                     logical is ``bool`` (``scipy.io.loadmat`` would give uint8)
 object, function     :class:`MatObject` (kept as a marker; cannot be written)
 handle, sparse
 ===================  ==========================================================
@@ -20,8 +20,11 @@ handle, sparse
 checkpoint ``stats``): 1x1 struct -> dict, struct array -> list of dicts, cell
 vector -> list, 1x1 double -> float, 1x1 logical -> bool, ``[]`` (0x0 double) -> None,
 other arrays stay arrays with their MATLAB shape. :func:`to_matlab` goes the other way
-(dict -> 1x1 struct, list of dicts with the same keys -> 1xN struct, other lists ->
-1xN cell, None -> ``[]``, Python numbers -> double, 1-D arrays -> rows).
+(dict -> 1x1 struct, list of dicts with the same keys -> 1xN struct, list of numbers
+-> 1xN double, list of bools -> 1xN logical, other lists -> 1xN cell, ``[]`` -> ``{}``,
+None -> ``[]``, Python numbers -> double, 1-D arrays -> rows). So a Python value comes
+back from a file as itself except: numeric lists come back as 1xN arrays, a list of
+one dict as a dict, tuples as lists, ints as floats (MATLAB has doubles).
 
 :func:`write_mat` writes v7 (scipy, compressed) or v7.3 (HDF5 with the 512-byte
 MATLAB header, ``MATLAB_class`` attributes, struct arrays as fields of object
@@ -188,64 +191,231 @@ def read_mat(path, variable_names=None):
 
 
 def _read_v5(path, variable_names):
-    import scipy.io
     with open(path, 'rb') as f:
-        head = f.read(128)
-    if len(head) == 0:
+        data = f.read()
+    if len(data) == 0:
         raise MatFileError(path, None, 'the file is empty')
-    if len(head) < 128 and not head.startswith(b'MATLAB'):
-        raise MatFileError(path, None, f'too short to be a .mat file ({len(head)} bytes)')
-    opts = dict(squeeze_me=False, struct_as_record=True, chars_as_strings=True, mat_dtype=False,
-                verify_compressed_data_integrity=True)
+    if len(data) < 128:
+        raise MatFileError(path, None, f'too short to be a .mat file ({len(data)} bytes)')
+    endian = data[126:128]
+    if endian not in (b'IM', b'MI'):
+        if data[:6] != b'MATLAB' and int.from_bytes(data[:4], 'little') < 5000:
+            return _read_v4(path, variable_names)
+        raise MatFileError(path, None, 'not a MATLAB .mat file (no v5 header)')
+    return _V5Reader(data, path, '<' if endian == b'IM' else '>').variables(variable_names)
+
+
+def _read_v4(path, variable_names):
+    """MATLAB v4 files (no header, no nesting): through scipy."""
+    import scipy.io
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        reader_cls = _logical_v5_reader()
-        with open(path, 'rb') as f:
-            major = scipy.io.matlab.matfile_version(f)[0]
-        if major == 1 and reader_cls is not None:
-            with open(path, 'rb') as f:
-                raw = reader_cls(f, **opts).get_variables(variable_names)
-        else:
-            raw = scipy.io.loadmat(path, appendmat=False, variable_names=variable_names, **opts)
-    out = {}
-    for name, value in raw.items():
-        if name.startswith('__'):
-            continue
-        out[name] = _from_scipy(value, path, name, 0)
-    return out
+        raw = scipy.io.loadmat(path, appendmat=False, variable_names=variable_names, squeeze_me=False,
+                               chars_as_strings=True, mat_dtype=False)
+    return {k: _from_scipy(v, path, k, 0) for k, v in raw.items() if not k.startswith('__')}
 
 
-_LOGICAL_READER = []
+# MAT v5 data types and array classes
+_MI_DTYPES = {1: 'i1', 2: 'u1', 3: 'i2', 4: 'u2', 5: 'i4', 6: 'u4', 7: 'f4', 9: 'f8', 12: 'i8', 13: 'u8',
+              16: 'u1', 17: 'u2', 18: 'u4'}
+_MI_MATRIX, _MI_COMPRESSED, _MI_UTF8 = 14, 15, 16
+_MX_DTYPES = {6: 'f8', 7: 'f4', 8: 'i1', 9: 'u1', 10: 'i2', 11: 'u2', 12: 'i4', 13: 'u4', 14: 'i8', 15: 'u8'}
+_MX_CELL, _MX_STRUCT, _MX_OBJECT, _MX_CHAR, _MX_SPARSE, _MX_FUNCTION, _MX_OPAQUE = 1, 2, 3, 4, 5, 16, 17
 
 
-def _logical_v5_reader():
-    """scipy's v5 reader, made to return logical arrays as bool (``loadmat`` gives uint8).
+class _V5Reader:
+    """A MAT v5/v7 parser in plain Python. Every size is checked against its container,
+    so a damaged file raises MatFileError (scipy's compiled reader can crash on one)."""
 
-    Hooks the (private) per-variable reader of scipy.io.matlab; when that is not
-    possible (another scipy), None: ``loadmat`` is used and logicals stay uint8.
-    """
-    if not _LOGICAL_READER:
-        cls = None
+    def __init__(self, data, path, bo):
+        self.data = data
+        self.path = path
+        self.bo = bo
+        self.byteorder = 'little' if bo == '<' else 'big'
+
+    def fail(self, where, msg):
+        return MatFileError(self.path, where, msg)
+
+    def u32(self, buf, pos):
+        return int.from_bytes(buf[pos:pos + 4], self.byteorder)
+
+    def tag(self, buf, pos, end, where):
+        """(type, data start, data end, next element) of the element at ``pos``."""
+        if pos + 8 > end:
+            raise self.fail(where, f'truncated data element at byte {pos}')
+        first = self.u32(buf, pos)
+        if first >> 16:  # small data element: type and size in one word, data in the next
+            n = first >> 16
+            if n > 4:
+                raise self.fail(where, f'malformed small data element at byte {pos}')
+            return first & 0xFFFF, pos + 4, pos + 4 + n, pos + 8
+        n = self.u32(buf, pos + 4)
+        ds = pos + 8
+        de = ds + n
+        if de > end:
+            raise self.fail(where, f'data element at byte {pos} runs past its end ({n} bytes)')
+        nxt = de if first == _MI_COMPRESSED else ds + (n + 7) // 8 * 8
+        return first, ds, de, min(nxt, end)
+
+    def numbers(self, buf, ds, de, mtype, where):
+        dt = _MI_DTYPES.get(mtype)
+        if dt is None:
+            raise self.fail(where, f'unexpected data type {mtype}')
+        dt = np.dtype(dt).newbyteorder(self.bo)
+        if (de - ds) % dt.itemsize:
+            raise self.fail(where, f'{de - ds} bytes is not a whole number of {dt} values')
+        return np.frombuffer(buf, dtype=dt, count=(de - ds) // dt.itemsize, offset=ds)
+
+    def variables(self, variable_names=None):
+        import zlib
+        wanted = None
+        if variable_names is not None:
+            wanted = {variable_names} if isinstance(variable_names, str) else set(variable_names)
+        data = self.data
+        out = {}
+        pos = 128
+        while pos < len(data):
+            if len(data) - pos < 8 and not data[pos:].strip(b'\x00'):
+                break  # trailing padding
+            where = f'variable at byte {pos}'
+            mtype, ds, de, nxt = self.tag(data, pos, len(data), where)
+            if mtype == _MI_COMPRESSED:
+                try:
+                    if wanted is not None:
+                        name = self.peek_name(zlib.decompressobj().decompress(data[ds:de], 1024), where)
+                        if name is not None and name not in wanted:
+                            pos = nxt
+                            continue
+                    inner = zlib.decompress(data[ds:de])
+                except zlib.error as e:
+                    raise self.fail(where, f'corrupt compressed data ({e})') from None
+                itype, ids, ide, _ = self.tag(inner, 0, len(inner), where)
+                if itype != _MI_MATRIX:
+                    raise self.fail(where, f'compressed element holds data type {itype}, not a matrix')
+                name, value = self.matrix(inner, ids, ide, where, 0)
+            elif mtype == _MI_MATRIX:
+                name, value = self.matrix(data, ds, de, where, 0)
+            else:
+                raise self.fail(where, f'unexpected top-level data type {mtype}')
+            if name and not name.startswith('__') and (wanted is None or name in wanted):
+                out[name] = value
+            pos = nxt
+        return out
+
+    def peek_name(self, head, where):
         try:
-            from scipy.io.matlab import _mio5, _mio5_utils
+            _, ds, _, _ = self.tag(head, 0, len(head) + (1 << 40), where)
+            _, _, _, p = self.tag(head, ds, len(head), where)  # array flags
+            _, _, _, p = self.tag(head, p, len(head), where)  # dimensions
+            _, nds, nde, _ = self.tag(head, p, len(head), where)
+            return head[nds:nde].decode('latin-1')
+        except MatFileError:
+            return None
 
-            class _VarReader(_mio5_utils.VarReader5):
-                def array_from_header(self, header, process=1):
-                    arr = super().array_from_header(header, process)
-                    if header.is_logical and isinstance(arr, np.ndarray) and arr.dtype.kind in 'iu':
-                        arr = arr.astype(bool)
-                    return arr
+    def name_of(self, buf, ds, de):
+        return bytes(buf[ds:de]).decode('latin-1')
 
-            class _Reader(_mio5.MatFile5Reader):
-                def initialize_read(self):
-                    self._file_reader = _VarReader(self)
-                    self._matrix_reader = _VarReader(self)
-
-            cls = _Reader
-        except Exception:  # pragma: no cover  (scipy internals changed)
-            cls = None
-        _LOGICAL_READER.append(cls)
-    return _LOGICAL_READER[0]
+    def matrix(self, buf, s, e, where, depth):
+        """(name, value) of the miMATRIX whose data is buf[s:e]."""
+        if depth > _MAX_DEPTH:
+            raise self.fail(where, f'nesting deeper than {_MAX_DEPTH} levels')
+        if s == e:
+            return '', np.zeros((0, 0))
+        mt, ds, de, p = self.tag(buf, s, e, where)
+        if mt != 6 or de - ds != 8:
+            raise self.fail(where, 'malformed array flags')
+        flags = self.u32(buf, ds)
+        cls = flags & 0xFF
+        is_complex, is_logical = bool(flags & 0x800), bool(flags & 0x200)
+        if cls == _MX_OPAQUE:
+            mt, ds, de, p = self.tag(buf, p, e, where)
+            return self.name_of(buf, ds, de), MatObject('opaque object (classdef object saved as an object)')
+        mt, ds, de, p = self.tag(buf, p, e, where)
+        if mt != 5:
+            raise self.fail(where, 'malformed dimensions')
+        dims = self.numbers(buf, ds, de, mt, where)
+        if dims.size < 2 or (dims < 0).any():
+            raise self.fail(where, f'bad dimensions {dims.tolist()}')
+        shape = tuple(int(d) for d in dims)
+        n = _prod(shape)
+        mt, ds, de, p = self.tag(buf, p, e, where)
+        if mt not in (1, 2):
+            raise self.fail(where, 'malformed array name')
+        name = self.name_of(buf, ds, de)
+        w = name if depth == 0 and name else where
+        if cls in _MX_DTYPES:
+            mt, ds, de, p = self.tag(buf, p, e, w)
+            real = self.numbers(buf, ds, de, mt, w)
+            if real.size != n:
+                raise self.fail(w, f'{real.size} values for an array of size {shape}')
+            out = real.astype(np.dtype(_MX_DTYPES[cls]))
+            if is_complex:
+                mt, ds, de, p = self.tag(buf, p, e, w)
+                imag = self.numbers(buf, ds, de, mt, w)
+                if imag.size != n:
+                    raise self.fail(w, f'{imag.size} imaginary values for an array of size {shape}')
+                out = out + 1j * imag.astype(out.dtype)
+            if is_logical:
+                out = out != 0
+            return name, out.reshape(shape, order='F')
+        if cls == _MX_CHAR:
+            if n == 0:
+                return name, ''
+            mt, ds, de, p = self.tag(buf, p, e, w)
+            if mt == _MI_UTF8:
+                codes = [ord(c) for c in bytes(buf[ds:de]).decode('utf-8', 'replace')]
+                codes = np.array(codes, dtype=np.uint32)
+            else:
+                codes = self.numbers(buf, ds, de, mt, w).astype(np.uint32)
+            if codes.size != n:
+                raise self.fail(w, f'{codes.size} characters for a char array of size {shape}')
+            rows = codes.reshape(shape[0], -1, order='F')
+            strings = [''.join(chr(c) if c < 0x110000 else '?' for c in r) for r in rows.tolist()]
+            return name, strings[0] if len(strings) == 1 else strings
+        if cls == _MX_CELL:
+            items = []
+            for i in range(n):
+                iw = f'{w}{{{i + 1}}}'
+                mt, ds, de, p = self.tag(buf, p, e, iw)
+                if mt != _MI_MATRIX:
+                    raise self.fail(iw, f'cell element of data type {mt}, not a matrix')
+                items.append(self.matrix(buf, ds, de, iw, depth + 1)[1])
+            return name, MatCell(items, shape)
+        if cls in (_MX_STRUCT, _MX_OBJECT):
+            classname = None
+            if cls == _MX_OBJECT:
+                mt, ds, de, p = self.tag(buf, p, e, w)
+                classname = self.name_of(buf, ds, de)
+            mt, ds, de, p = self.tag(buf, p, e, w)
+            flen = self.numbers(buf, ds, de, mt, w)
+            if flen.size != 1 or not 0 < flen[0] <= 4096:
+                raise self.fail(w, 'malformed struct field name length')
+            flen = int(flen[0])
+            mt, ds, de, p = self.tag(buf, p, e, w)
+            raw = bytes(buf[ds:de])
+            if len(raw) % flen:
+                raise self.fail(w, 'malformed struct field names')
+            fields = [raw[i:i + flen].split(b'\x00', 1)[0].decode('latin-1') for i in range(0, len(raw), flen)]
+            if len(set(fields)) != len(fields) or not all(fields):
+                raise self.fail(w, f'bad struct field names {fields}')
+            elements = []
+            for i in range(n):
+                elem = {}
+                for fn in fields:
+                    fw = f'{w}({i + 1}).{fn}'
+                    mt, ds, de, p = self.tag(buf, p, e, fw)
+                    if mt != _MI_MATRIX:
+                        raise self.fail(fw, f'struct field of data type {mt}, not a matrix')
+                    elem[fn] = self.matrix(buf, ds, de, fw, depth + 1)[1]
+                elements.append(elem)
+            if classname is not None:
+                return name, MatObject(classname)
+            return name, MatStruct(fields, elements, shape)
+        if cls == _MX_SPARSE:
+            return name, MatObject('sparse')
+        if cls == _MX_FUNCTION:
+            return name, MatObject('function_handle')
+        raise self.fail(w, f'unsupported MATLAB array class {cls}')
 
 
 def _from_scipy(x, path, where, depth):
@@ -548,6 +718,11 @@ def to_matlab(v, where='value'):
             fields = list(v[0])
             return MatStruct.row(fields, [{k: to_matlab(x[k], f'{where}({i + 1}).{k}') for k in fields}
                                           for i, x in enumerate(v)])
+        if v and all(isinstance(x, (bool, np.bool_)) for x in v):
+            return np.array([list(v)], dtype=bool)
+        if v and all(isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+                     for x in v):
+            return np.array([[float(x) for x in v]])
         return MatCell([to_matlab(x, f'{where}{{{i + 1}}}') for i, x in enumerate(v)], (1, len(v)) if v else (0, 0))
     if not isinstance(v, np.ndarray) and hasattr(v, '__cuda_array_interface__'):
         from .. import backend
@@ -706,11 +881,19 @@ def _matlab_header():
 
 
 class _H5Writer:
+    """Writes the v7.3 layout with h5py's low-level API (the high-level one costs
+    about 0.3 ms per attribute, and a network has thousands)."""
+
     def __init__(self, f, compress):
+        import h5py
+        self.h5py = h5py
         self.f = f
+        self.fid = f.id
         self.compress = compress
         self.refs = None
         self.count = 0
+        self.scalar_space = h5py.h5s.create(h5py.h5s.SCALAR)
+        self.str_types = {}
 
     def _ref_name(self):
         # MATLAB names the members of #refs# 'a', 'b', ..., 'z', 'ba', ...
@@ -724,41 +907,86 @@ class _H5Writer:
                 return s
 
     def _ref(self, value, where):
+        h5py = self.h5py
         if self.refs is None:
-            self.refs = self.f.create_group('#refs#')
-        obj = self.write(self.refs, self._ref_name(), value, where)
-        return obj.ref
+            self.refs = h5py.h5g.create(self.fid, b'#refs#')
+        name = self._ref_name()
+        self.write(self.refs, name, value, where)
+        return h5py.h5r.create(self.refs, name.encode('ascii'), h5py.h5r.OBJECT)
 
-    @staticmethod
-    def _class(obj, cls):
-        obj.attrs['MATLAB_class'] = np.bytes_(cls.encode('ascii'))
+    def _attr_str(self, oid, name, value):
+        h5py = self.h5py
+        b = value.encode('ascii')
+        tid = self.str_types.get(len(b))
+        if tid is None:
+            tid = h5py.h5t.C_S1.copy()
+            tid.set_size(len(b))
+            tid.set_strpad(h5py.h5t.STR_NULLTERM)
+            self.str_types[len(b)] = tid
+        aid = h5py.h5a.create(oid, name, tid, self.scalar_space)
+        aid.write(np.array(b, dtype=f'S{len(b)}'), mtype=tid)
 
-    @staticmethod
-    def _fields(obj, fields):
-        import h5py
+    def _attr_num(self, oid, name, value):
+        h5py = self.h5py
+        arr = np.array(value)
+        aid = h5py.h5a.create(oid, name, h5py.h5t.py_create(arr.dtype), self.scalar_space)
+        aid.write(arr)
+
+    def _class(self, oid, cls):
+        self._attr_str(oid, b'MATLAB_class', cls)
+
+    def _fields(self, oid, fields):
+        h5py = self.h5py
         data = np.empty(len(fields), dtype=object)
         for i, fn in enumerate(fields):
             data[i] = np.frombuffer(fn.encode('ascii'), dtype='S1')
-        obj.attrs.create('MATLAB_fields', data, dtype=h5py.vlen_dtype(np.dtype('S1')))
+        h5py.AttributeManager(self._hl(oid)).create('MATLAB_fields', data, dtype=h5py.vlen_dtype(np.dtype('S1')))
+
+    def _hl(self, oid):
+        h5py = self.h5py
+        return h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
+
+    def _dataset(self, parent, name, data, mtype=None, ftype=None, compress=False):
+        h5py = self.h5py
+        data = np.ascontiguousarray(data)
+        space = h5py.h5s.create_simple(data.shape)
+        tid = ftype if ftype is not None else h5py.h5t.py_create(data.dtype, logical=True)
+        dcpl = None
+        if compress:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            chunks = h5py.filters.guess_chunk(data.shape, None, data.dtype.itemsize)
+            dcpl.set_chunk(chunks)
+            dcpl.set_deflate(3)
+        dsid = h5py.h5d.create(parent, name.encode('utf-8'), tid, space, dcpl=dcpl)
+        if data.size:
+            dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, data, mtype=mtype)
+        return dsid
 
     def _empty(self, parent, name, cls, shape, fields=None):
-        ds = parent.create_dataset(name, data=np.array(_mshape(shape), dtype=np.uint64))
+        ds = self._dataset(parent, name, np.array(_mshape(shape), dtype=np.uint64))
         self._class(ds, cls)
         if fields:
             self._fields(ds, fields)
         if cls == 'logical':
-            ds.attrs['MATLAB_int_decode'] = np.int32(1)
+            self._attr_num(ds, b'MATLAB_int_decode', np.int32(1))
         elif cls == 'char':
-            ds.attrs['MATLAB_int_decode'] = np.int32(2)
-        ds.attrs['MATLAB_empty'] = np.uint8(1)
+            self._attr_num(ds, b'MATLAB_int_decode', np.int32(2))
+        self._attr_num(ds, b'MATLAB_empty', np.uint8(1))
         return ds
 
+    def _ref_dataset(self, parent, name, refs, shape):
+        h5py = self.h5py
+        arr = np.empty(len(refs), dtype=h5py.ref_dtype)
+        for i, r in enumerate(refs):
+            arr[i] = r
+        return self._dataset(parent, name, arr.reshape(shape[::-1]), ftype=h5py.h5t.STD_REF_OBJ)
+
     def write(self, parent, name, v, where):
-        import h5py
+        h5py = self.h5py
         if isinstance(v, MatStruct):
             if v.size == 0:
                 return self._empty(parent, name, 'struct', v.shape, v.fields)
-            g = parent.create_group(name)
+            g = h5py.h5g.create(parent, name.encode('utf-8'))
             self._class(g, 'struct')
             if v.fields:
                 self._fields(g, v.fields)
@@ -767,27 +995,23 @@ class _H5Writer:
                     self.write(g, fn, v.elements[0][fn], f'{where}.{fn}')
             else:
                 for fn in v.fields:
-                    refs = np.empty(v.size, dtype=h5py.ref_dtype)
-                    for i, e in enumerate(v.elements):
-                        refs[i] = self._ref(e[fn], f'{where}({i + 1}).{fn}')
-                    g.create_dataset(fn, data=refs.reshape(v.shape[::-1]))
+                    refs = [self._ref(e[fn], f'{where}({i + 1}).{fn}') for i, e in enumerate(v.elements)]
+                    self._ref_dataset(g, fn, refs, v.shape)
             return g
         if isinstance(v, MatCell):
             if v.size == 0:
                 return self._empty(parent, name, 'cell', v.shape)
-            refs = np.empty(v.size, dtype=h5py.ref_dtype)
-            for i, x in enumerate(v.items):
-                refs[i] = self._ref(x, f'{where}{{{i + 1}}}')
-            ds = parent.create_dataset(name, data=refs.reshape(v.shape[::-1]))
+            refs = [self._ref(x, f'{where}{{{i + 1}}}') for i, x in enumerate(v.items)]
+            ds = self._ref_dataset(parent, name, refs, v.shape)
             self._class(ds, 'cell')
             return ds
         if isinstance(v, str):
             if not v:
                 return self._empty(parent, name, 'char', (0, 0))
             codes = np.frombuffer(v.encode('utf-16-le', 'surrogatepass'), dtype='<u2')
-            ds = parent.create_dataset(name, data=codes.reshape(-1, 1))
+            ds = self._dataset(parent, name, codes.reshape(-1, 1))
             self._class(ds, 'char')
-            ds.attrs['MATLAB_int_decode'] = np.int32(2)
+            self._attr_num(ds, b'MATLAB_int_decode', np.int32(2))
             return ds
         if isinstance(v, np.ndarray):
             arr = v if v.ndim >= 2 else v.reshape(1, -1)
@@ -805,13 +1029,10 @@ class _H5Writer:
                 cdata['real'] = data.real
                 cdata['imag'] = data.imag
                 data = cdata
-            kw = {}
-            if self.compress and data.nbytes >= 1 << 16:
-                kw = dict(compression='gzip', compression_opts=3, shuffle=False)
-            ds = parent.create_dataset(name, data=data, **kw)
+            ds = self._dataset(parent, name, data, compress=self.compress and data.nbytes >= 1 << 16)
             self._class(ds, cls)
             if cls == 'logical':
-                ds.attrs['MATLAB_int_decode'] = np.int32(1)
+                self._attr_num(ds, b'MATLAB_int_decode', np.int32(1))
             return ds
         raise MatFileError(None, where, f'cannot write {type(v).__name__} in v7.3')
 
@@ -821,7 +1042,7 @@ def _write_h5(tmp, mvars, compress):
     with h5py.File(tmp, 'w', userblock_size=512, libver='earliest') as f:
         w = _H5Writer(f, compress)
         for name, v in mvars.items():
-            w.write(f, name, v, name)
+            w.write(f.id, name, v, name)
     header = _matlab_header()
     with open(tmp, 'rb+') as fh:
         fh.write(header + b'\x00' * (512 - len(header)))
