@@ -30,10 +30,14 @@ does, so only the pair is the true derivative.
 All functions are batched over images (``xp.matmul`` on ``N x d x d`` stacks), accept
 any memory order, keep the dtype and return Fortran-contiguous arrays.
 """
+import functools
+
 import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+
+from .kernels.threads_cpu import parallel_for, split
 
 __all__ = ['cov_pool_forward', 'cov_pool_backward', 'trace_norm_forward', 'trace_norm_backward',
            'sqrtm_forward', 'sqrtm_backward', 'scale_tr_forward', 'scale_tr_backward',
@@ -43,6 +47,42 @@ __all__ = ['cov_pool_forward', 'cov_pool_backward', 'trace_norm_forward', 'trace
 
 
 # ---------------------------------------------------------------------------- helpers
+def _by_images(n_arrays):
+    """On the CPU, run the decorated function on contiguous chunks of images (the last
+    axis of its first ``n_arrays`` arguments) in worker threads with single-threaded BLAS,
+    and assemble the outputs. The per-image products are small (d x d, d = 128 at most in
+    these models): OpenBLAS's own threads cost more than they give there, and on a loaded
+    2-core machine their barriers stall (see kernels/threads_cpu.py)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            arrays, rest = args[:n_arrays], args[n_arrays:]
+            first = arrays[0]
+            if get_array_module(first) is not np or getattr(first, 'ndim', 0) != 4 or first.shape[-1] < 2:
+                return fn(*args, **kwargs)
+            n = first.shape[-1]
+
+            def part(a, b, _):
+                return fn(*[None if x is None else x[..., a:b] for x in arrays], *rest, **kwargs)
+            parts = parallel_for(part, n)
+            if len(parts) == 1:
+                return parts[0]
+            return _assemble(parts, split(n, len(parts)))
+        return wrapper
+    return deco
+
+
+def _assemble(parts, bounds):
+    """Join per-chunk results (arrays or tuples of arrays) along the image axis."""
+    if isinstance(parts[0], tuple):
+        return tuple(_assemble([p[k] for p in parts], bounds) for k in range(len(parts[0])))
+    first = parts[0]
+    out = np.empty(first.shape[:-1] + (bounds[-1][1],), dtype=first.dtype, order='F')
+    for (a, b), p in zip(bounds, parts):
+        out[..., a:b] = p
+    return out
+
+
 def _as4(a, name, op):
     if a is None:
         raise ValueError(f'{op}: {name} is missing')
@@ -104,6 +144,7 @@ def _positions(x):
     return x.T.reshape(N, d, W * H)
 
 
+@_by_images(1)
 def cov_pool_forward(x):
     """``P = X' Ibar X`` per image, symmetrised. x: ``H x W x d x N`` -> ``d x d x 1 x N``."""
     x = _as4(x, 'x', 'cov_pool_forward')
@@ -118,6 +159,7 @@ def cov_pool_forward(x):
     return get_array_module(P).asfortranarray(P.T).reshape(d, d, 1, N, order='F')
 
 
+@_by_images(2)
 def cov_pool_backward(x, dP):
     """``dX = 2 Ibar X sym(dP)`` per image. Returns dx shaped like x (``H x W x d x N``)."""
     x = _as4(x, 'x', 'cov_pool_backward')
@@ -173,6 +215,7 @@ def trace_norm_backward(P, tr, dA, dtr=None):
 
 
 # ---------------------------------------------------------------------------- sqrtm
+@_by_images(1)
 def sqrtm_forward(A, coef=1, iter_num=3):
     """Newton-Schulz square root. A: ``d x d x 1 x N`` ->
     ``(y_vec 1 x 1 x d(d+1)/2 x N, Y d x d x iter_num x N, Z d x d x iter_num x N)``
@@ -205,6 +248,7 @@ def sqrtm_forward(A, coef=1, iter_num=3):
     return y, Yaux, Zaux
 
 
+@_by_images(4)
 def sqrtm_backward(A, Y, Z, dy, coef=1, iter_num=3):
     """Exact derivative of :func:`sqrtm_forward` with respect to A.
 

@@ -85,6 +85,7 @@ def test_whole_net_derivatives_match_finite_differences(gm_net):
     ders = {p.name: None if p.der is None else p.der.copy() for p in net.params}
     dx = net.get_var('input').der.copy()
     assert np.array_equal(net.get_var('gating').value[1], sel)
+    assert float(np.sum(net.get_var('Balance_loss').value[0])) > 1  # the balance term matters
 
     rng = np.random.default_rng(7)
     checked = []
@@ -111,7 +112,8 @@ def test_whole_net_derivatives_match_finite_differences(gm_net):
             if name == 'conv1_b':  # BN follows conv1: the true derivative is 0
                 assert abs(an) < 1e-8 * np.linalg.norm(v) and abs(fd) < 1e-5 * np.linalg.norm(v)
                 continue
-            assert abs(an - fd) <= 1e-5 * scale + 1e-9, \
+            # observed: about 1e-9 of the scale, 4e-7 at worst (prediction_b, a tiny vector)
+            assert abs(an - fd) <= 2e-6 * scale + 1e-9, \
                 f'{name}: directional derivative {an:.10g} vs finite difference {fd:.10g} (scale {scale:.3g})'
         checked.append(name)
 

@@ -334,3 +334,34 @@ def test_gmsop_structure_matches_original():
 def test_gap_structure_matches_original():
     _compare_with_saved(_net('ResNet18-GAP'), _load('gap_resnet18_init.mat'))
     assert not any(l.route for l in _net('ResNet18-GAP').layers)
+
+
+@pytest.mark.parametrize('model_type', MODEL_TYPES)
+def test_reduced_nets_train_step(model_type):
+    """Every model type, reduced (section_len 1, 16x16 images, 3 of 4 CMs, 10 classes, narrow
+    1x1 convs), runs a forward/backward pass: every learnable param of a selected path
+    gets a derivative of its own shape, and the objective is finite."""
+    gm = 'GM' in model_type
+    kw = dict(section_len=1, num_classes=10, image_size=16, seed=5)
+    if gm:
+        kw.update(cm_num=4, topk=3, gating_widths=(8, 6), cm_widths=(8, 6) if 'SOP' in model_type else (12,))
+    net = build(model_type, **kw)
+    assert net.meta['normalization']['imageSize'] == [16, 16, 3]
+    if gm:  # break the all-equal H_x init so that the selection is not a random pick
+        p = net.get_param('gating_w')
+        p.value = np.random.default_rng(0).standard_normal(p.value.shape).astype(np.float32)
+    rng = np.random.default_rng(1)
+    x = np.asfortranarray(rng.standard_normal((16, 16, 3, 6)).astype(np.float32) * 50)
+    label = rng.integers(1, 11, size=6).astype(np.float32)
+    net.get_var('objective').precious = True
+    net.eval({'input': x, 'label': label}, {'objective': 1})
+    assert np.isfinite(net.get_var('objective').value).all()
+    dead = set()
+    if gm:
+        sel = net.get_var('Balance_loss').value[2].ravel()  # w_sum per CM
+        dead = {f'CM_{i + 1}_' for i in np.flatnonzero(sel == 0)}
+    for p in net.params:
+        if p.train_method == 'average' or any(p.name.startswith(d) for d in dead):
+            continue
+        assert p.der is not None and p.der.shape == p.value.shape, p.name
+    assert net.get_var('input').der.shape == x.shape

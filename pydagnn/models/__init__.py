@@ -166,8 +166,10 @@ def build(model_type, *, topk=8, cm_num=16, loss_w=100, order=None, section_len=
     net.init_params(np.random.default_rng(seed), dtype=dtype)
     if d['gm']:
         finalize_gm(net)
-        # ExecutionOrder_GM: the WRN builder passes its sectionLen, the ResNet builder the
-        # default 2 (for ResNet18 with section_len 2 both give the same order).
+        # ExecutionOrder_GM: the WRN builder passes its sectionLen, the ResNet builder uses
+        # the default 2. Split at conv5_<section_len>_relu: the same order wherever the
+        # original's works (the layers between conv5_2 and conv5_<L> form a chain), and
+        # defined for section_len 1, where the original's call fails.
         net.set_execution_order(gm_execution_order(net, section_len))
     # the first-layer trick (the ImageNet std is about 60) and the BN moments' rate
     p = net.get_param('conv1_f')
