@@ -35,11 +35,11 @@ def imdb_field(obj, *path):
 
 
 def _read_images(data, idx):
-    """``data[:, :, :, idx]`` as a NumPy array. The indexes are read in increasing order
-    without repeats (what HDF5-backed arrays require) and put back in batch order."""
+    """``data[:, :, :, idx]`` as a NumPy array. For an h5py dataset the indexes are read
+    in increasing order without repeats (what h5py requires) and put back in batch order."""
     idx = np.asarray(idx, dtype=np.int64).reshape(-1)
-    if idx.size == 0:
-        return np.asarray(data[:, :, :, idx])
+    if idx.size == 0 or not type(data).__module__.startswith('h5py'):
+        return np.asarray(data[:, :, :, idx])  # NumPy arrays and pydagnn's ImageArray take any order
     uniq, inverse = np.unique(idx, return_inverse=True)
     block = np.asarray(data[:, :, :, uniq])
     if block.ndim != 4 or block.shape[3] != uniq.size:

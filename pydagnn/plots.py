@@ -41,6 +41,7 @@ def plot_stats(stats, path_base, log=print):
     try:
         from matplotlib.figure import Figure
         from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         if not _NOTICE_SHOWN:
             log('plots: matplotlib is not installed, so net-train.pdf/.png are not drawn '
@@ -59,6 +60,7 @@ def plot_stats(stats, path_base, log=print):
             if xs:
                 ax.plot(xs, ys, 'o-', label=split)
         ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(name)
         ax.grid(True)
         if ax.lines:

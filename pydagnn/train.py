@@ -47,7 +47,7 @@ from .data import get_batch as default_get_batch, imdb_field, make_loader
 
 __all__ = ['cnn_train_dag', 'accumulate_gradients', 'find_last_checkpoint', 'load_checkpoint',
            'save_checkpoint', 'checkpoint_path', 'train_opts_kwargs', 'extract_stats',
-           'format_progress', 'CheckpointError']
+           'format_progress', 'CheckpointError', 'use_gpu']
 
 _CKPT_RE = re.compile(r'^net-epoch-(\d+)\.mat$')
 
@@ -98,8 +98,16 @@ def accumulate_gradients(net, state, *, learning_rate, batch_size, momentum=0.9,
         elif p.train_method == 'gradient':
             decay = float(weight_decay) * float(p.weight_decay)
             lr = float(learning_rate) * float(p.learning_rate)
-            g = dt(1.0 / batch_size) * der + dt(decay) * value
             m = moms.get(p.name)
+            if m is not None and backend.is_gpu_array(m) != backend.is_gpu_array(value):
+                m = backend.to_device(m, 'gpu' if backend.is_gpu_array(value) else 'cpu')
+            if backend.is_gpu_array(value) and (m is None or m.size == value.size):   # GPU: one fused kernel
+                from pydagnn.layers.kernels import eltwise_gpu
+                m, p.value = eltwise_gpu.sgd_momentum(der, value, None if m is None else m.reshape(value.shape),
+                                                      1.0 / batch_size, decay, momentum, lr, nesterov)
+                moms[p.name] = m
+                continue
+            g = dt(1.0 / batch_size) * der + dt(decay) * value
             if m is None:
                 m = -g
             else:
@@ -231,7 +239,10 @@ def _state_to_mat(net, state, save_momentum, last_stats):
                 for p in net.params]
     else:
         cell = None
-    out = {'momentum': cell}
+    out = {'momentum': cell,
+           # not in MatConvNet's state: the order the layers ran in, so that a resumed run
+           # sums derivatives in the same order (a GM net's order is not the loader's default)
+           'executionOrder': np.asarray(net.execution_order, dtype=np.float64).reshape(1, -1) + 1}
     if last_stats is not None:
         out['stats'] = {k: _stats_records([v])[0] for k, v in last_stats.items()}
     return out
@@ -298,8 +309,10 @@ def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None
 
 def load_checkpoint(path):
     """``(net, state, stats)`` from a checkpoint; ``state['momentum']`` maps param names
-    to arrays. Raises :class:`CheckpointError` naming the file when it cannot be read or
-    lacks ``net`` or ``stats`` (a partial save)."""
+    to arrays; ``state['execution_order']`` is the layer order the run used when the file
+    records it (``state.executionOrder``, 1-based; the net is given that order). Raises
+    :class:`CheckpointError` naming the file when it cannot be read or lacks ``net`` or
+    ``stats`` (a partial save)."""
     from .io.matconvnet import load_matconvnet
     from .io.matfile import read_mat, to_python
     try:
@@ -308,12 +321,31 @@ def load_checkpoint(path):
             raise CheckpointError(f"checkpoint {path} was only partially saved: it has no variable 'stats'")
         stats = _stats_from_mat(to_python(mat['stats'], 'stats'))
         net = load_matconvnet(path)
-        moms = _momentum_from_mat(net, to_python(mat['state'], 'state')) if 'state' in mat else {}
+        st = to_python(mat['state'], 'state') if 'state' in mat else {}
+        moms = _momentum_from_mat(net, st)
+        state = {'momentum': moms}
+        order = st.get('executionOrder') if isinstance(st, dict) else None
+        if order is not None:
+            try:
+                net.set_execution_order([int(i) - 1 for i in np.asarray(order).reshape(-1)])
+                state['execution_order'] = net.execution_order
+            except (ValueError, KeyError, IndexError) as e:
+                warnings.warn(f'{path}: state.executionOrder ignored ({e})', RuntimeWarning, stacklevel=2)
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f'checkpoint {path} cannot be read ({type(e).__name__}: {e})') from e
-    return net, {'momentum': moms}, stats
+    return net, state, stats
+
+
+def _adopt_order(net, model):
+    """Give ``net`` the execution order of ``model`` (same layer names), if valid."""
+    try:
+        names = [model.layers[i].name for i in model.execution_order]
+        if sorted(names) == sorted(l.name for l in net.layers):
+            net.set_execution_order(names)
+    except (ValueError, KeyError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------------------- options
@@ -365,6 +397,18 @@ def _call_get_batch(get_batch, imdb, idx, mode, seed):
 
 
 # ---------------------------------------------------------------------------- the loop
+def use_gpu(index):
+    """Make CUDA device ``index`` (0-based, as CuPy counts) the current one."""
+    cp = backend.cupy_or_none()
+    if cp is None:
+        raise RuntimeError(f'gpus={index}: cupy with a CUDA device is not available '
+                           '(pip install cupy-cuda12x, or train on the CPU without --gpus)')
+    n = cp.cuda.runtime.getDeviceCount()
+    if not 0 <= int(index) < n:
+        raise ValueError(f'gpus={index}: there are {n} CUDA devices (0..{n - 1})')
+    cp.cuda.Device(int(index)).use()
+
+
 def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub_batches=1, num_epochs=None,
                   learning_rate=0.001, weight_decay=1e-4, momentum=0.9, nesterov=False, der_outputs=None,
                   train=None, val=None, gpus=(), continue_=True, random_seed=0, prefetch=True,
@@ -380,7 +424,8 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     train, val: 0-based imdb indexes (default: ``images.set == 1`` / ``== 2``; NaN or an
     empty list for none; with no training images nothing is trained or saved).
     learning_rate: a number or a per-epoch list. num_epochs: default the list's length.
-    gpus: e.g. ``[0]`` to train on the GPU (``net.move('gpu')``; one GPU only).
+    gpus: e.g. ``[0]`` to train on the GPU (``net.move('gpu')``, the SGD state on the GPU
+    too; one GPU only, the current CuPy device); the net is moved back to the CPU at the end.
     continue_: resume after the last complete checkpoint in ``exp_dir``; the returned net
     is then the one loaded from it. prefetch: prepare the next batch on a background
     thread. log: a function taking one line (default: print to stdout, flushed).
@@ -401,7 +446,12 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
                          'must be positive')
     der_outputs = {'objective': 1.0} if der_outputs is None else der_outputs
     get_batch = default_get_batch if get_batch is None else get_batch
-    gpus = [] if gpus is None else list(np.atleast_1d(gpus)) if not isinstance(gpus, (list, tuple)) else list(gpus)
+    if gpus is None:
+        gpus = []
+    elif isinstance(gpus, (int, np.integer)):
+        gpus = [int(gpus)]
+    else:
+        gpus = list(gpus)
     if len(gpus) > 1:
         raise NotImplementedError('cnn_train_dag: training on several GPUs is not supported; give one')
     sets = np.asarray(imdb_field(imdb, 'images', 'set')).reshape(-1)
@@ -418,7 +468,10 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     if continue_:
         start, loaded = _resume(exp_dir, log)
         if start:
+            model = net
             net, state, stats = loaded
+            if 'execution_order' not in state:  # e.g. a checkpoint written by MATLAB
+                _adopt_order(net, model)
             stats = {k: list(v)[:start] for k, v in stats.items()}
     if isinstance(net.meta.get('trainOpts'), dict):
         net.meta['trainOpts']['learningRate'] = lrs if len(lrs) > 1 else lrs[0]
@@ -429,6 +482,7 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
             pass
     net.conserve_memory = bool(conserve_memory)
     if gpus:
+        use_gpu(gpus[0])
         net.move('gpu')
         state['momentum'] = {k: backend.to_device(v, 'gpu') for k, v in state['momentum'].items()}
 
@@ -457,9 +511,8 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
                 plot_stats(stats, os.path.join(exp_dir, 'net-train'), log=log)
             except Exception as e:  # a figure must never stop training
                 log(f'plots: could not draw net-train.pdf/.png ({type(e).__name__}: {e})')
-    if net.device == 'gpu':
-        for k, v in list(state['momentum'].items()):
-            state['momentum'][k] = backend.to_host(v)
+    if gpus:  # as the original, hand the net back on the CPU
+        net.move('cpu')
     return net, stats
 
 
@@ -511,6 +564,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
     adjust_time = 0.0
     n = subset.size
     num_batches = len(batches)
+    net.reset()  # running loss averages start at zero (the original resets after each epoch)
     start = time.perf_counter()
     loader = make_loader(jobs, fetch, prefetch=opts['prefetch'])
     try:
@@ -558,7 +612,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
     total = time.perf_counter() - start
     if num_batches:
         share = 100.0 * loader.wait_time / total if total > 0 else 0.0
-        log(f'{mode}: epoch {epoch:02d}: waited {loader.wait_time:.2f} s of {total:.2f} s for data '
-            f'({share:.1f}%, {"prefetch" if opts["prefetch"] else "no prefetch"})')
+        log(f'{mode}: epoch {epoch:02d}: data wait {loader.wait_time:.2f} s of {total:.2f} s '
+            f'({share:.1f}% of step time, prefetch {"on" if opts["prefetch"] else "off"})')
     net.reset()
     return stats

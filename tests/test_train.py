@@ -45,12 +45,12 @@ def tiny_net(dtype=np.float32, bn=True, dropout=False, seed=0):
     return net
 
 
-def tiny_imdb(n=40, n_val=12, seed=0):
+def tiny_imdb(n=40, n_val=12, seed=0, size=SIZE):
     """Learnable: class c brightens channel c (plus noise)."""
     rng = np.random.default_rng(seed)
     total = n + n_val
     labels = rng.integers(1, CLASSES + 1, size=total)
-    data = rng.integers(0, 120, size=(SIZE, SIZE, 3, total)).astype(np.uint8)
+    data = rng.integers(0, 120, size=(size, size, 3, total)).astype(np.uint8)
     for i, c in enumerate(labels):
         data[:, :, c - 1, i] += 100
     sets = np.r_[np.ones(n), 2 * np.ones(n_val)]
@@ -236,7 +236,8 @@ def test_train_learns_prints_and_saves(tmp_path):
     # 40 train images in batches of 16 -> 3 batches; 12 val -> 1 batch; 3 epochs
     assert len(prog) == 3 * (3 + 1)
     assert prog[0].startswith('train: epoch 01:   1/  3:')
-    assert any(l.startswith('train: epoch 01: waited') and '% ' in l for l in lines)
+    assert any(re.match(r'train: epoch 01: data wait \d+\.\d\d s of \d+\.\d\d s \(\d+\.\d% of step time, '
+                        r'prefetch on\)$', l) for l in lines), lines
     assert [len(stats['train']), len(stats['val'])] == [3, 3]
     for rec in stats['train']:
         assert rec['num'] == 40 and rec['time'] > 0
@@ -269,19 +270,20 @@ def test_train_learns_prints_and_saves(tmp_path):
 
 
 def test_sub_batches_give_the_same_update(tmp_path):
-    """Without BN and dropout, the derivative of a batch is the sum over its interleaved
-    sub-batches, so 1 and 2 (or 3) sub-batches give the same parameters."""
+    """Without BN and random draws (dropout, flips: the draws of a sub-batch differ from
+    those of the whole batch), the derivative of a batch is the sum over its interleaved
+    sub-batches, so 1, 2 or 3 sub-batches give the same parameters."""
     imdb = tiny_imdb(n=37, n_val=5)
 
     def gb64(imdb_, idx, mode, rng):
-        b = pdata.get_batch(imdb_, idx, mode, rng=rng)
+        b = pdata.get_batch(imdb_, idx, 'noflip', rng=rng)
         return {'input': b['input'].astype(np.float64), 'label': b['label']}
 
     res = []
     for nsb in (1, 2, 3):
         net = tiny_net(dtype=np.float64, bn=False)
         net, stats, _ = run(net, imdb, tmp_path / f'sb{nsb}', get_batch=gb64, num_sub_batches=nsb,
-                            num_epochs=2, weight_decay=1e-3, continue_=False)
+                            num_epochs=2, weight_decay=1e-3, learning_rate=2e-5, continue_=False)
         res.append((params_of(net), stats))
     for p, st in res[1:]:
         for k in p:
@@ -306,6 +308,37 @@ def test_resume_is_exact(tmp_path):
     # continue_=False starts over
     _, st_c, lines = run(tiny_net(dropout=True), imdb, tmp_path / 'b', num_epochs=1, continue_=False, **kw)
     assert len(st_c['train']) == 1 and not any('resuming' in l for l in lines)
+
+
+def tiny_gm(seed=0):
+    from pydagnn.models import build
+    return build('ResNet18-GM-SOP', section_len=1, cm_num=4, topk=2, num_classes=5,  # top-5 needs 5
+                 gating_widths=(16, 8), cm_widths=(16, 8), image_size=16, seed=seed)
+
+
+def test_gm_net_resume_is_exact(tmp_path):
+    """A reduced GM-SOP (routing, H_x noise, gating, dropout, Balance_loss): resumed ==
+    straight, and the loaded net runs in the order the built one did (for section_len 1
+    the loader's default order differs from the GM order; the checkpoint records it)."""
+    imdb = tiny_imdb(n=24, n_val=8, size=16)
+    kw = dict(learning_rate=0.05, batch_size=8)
+    built = tiny_gm()
+    straight, st_a, lines = run(built, imdb, tmp_path / 'a', num_epochs=2, **kw)
+    assert any(LINE_BL.match(l) for l in lines), lines[:3]
+    assert st_a['train'][0]['BalanceLoss'] >= 0
+    assert all(np.isfinite(v).all() for v in params_of(straight).values())
+    run(tiny_gm(), imdb, tmp_path / 'b', num_epochs=1, **kw)
+    resumed, st_b, lines = run(tiny_gm(seed=5), imdb, tmp_path / 'b', num_epochs=2, **kw)
+    assert any('resuming by loading epoch 1' in l for l in lines)
+    assert [resumed.layers[i].name for i in resumed.execution_order] == \
+        [built.layers[i].name for i in built.execution_order]
+    assert_params_equal(params_of(straight), params_of(resumed))
+    assert st_b['train'][1] == {k: v for k, v in st_a['train'][1].items() if k != 'time'} | \
+        {'time': st_b['train'][1]['time']}
+
+
+LINE_BL = re.compile(r'^train: epoch 01: +1/ +3: \d+\.\d \(\d+\.\d\) Hz BalanceLoss: \d+\.\d{3} '
+                     r'objective: \d+\.\d{3} top1error: \d\.\d{3} top5error: \d\.\d{3}$')
 
 
 def test_truncated_checkpoint_falls_back(tmp_path):
@@ -367,7 +400,7 @@ def test_checkpoint_without_stats_is_partial(tmp_path):
 
 def test_val_only_and_errors(tmp_path):
     imdb = tiny_imdb()
-    net, stats, lines = run(tiny_net(), imdb, tmp_path, num_epochs=1, train=np.nan)
+    net, stats, lines = run(tiny_net(bn=False), imdb, tmp_path, num_epochs=1, train=np.nan)
     assert not os.listdir(tmp_path)  # evaluate mode saves nothing
     assert stats['train'][0]['num'] == 0 and stats['val'][0]['num'] == 12
     with pytest.raises(ValueError, match='num_epochs'):
@@ -432,7 +465,8 @@ def test_plots_and_missing_matplotlib(tmp_path, monkeypatch):
     files = plots.plot_stats(stats, str(tmp_path / 'net-train'))
     assert files == [str(tmp_path / 'net-train.pdf'), str(tmp_path / 'net-train.png')]
     assert (tmp_path / 'net-train.pdf').read_bytes().startswith(b'%PDF')
-    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    monkeypatch.setitem(sys.modules, 'matplotlib.figure', None)  # what a missing matplotlib gives
+    monkeypatch.setitem(sys.modules, 'matplotlib.backends.backend_agg', None)
     monkeypatch.setattr(plots, '_NOTICE_SHOWN', False)
     msgs = []
     assert plots.plot_stats(stats, str(tmp_path / 'x'), log=msgs.append) is None
@@ -449,3 +483,130 @@ def test_train_opts_kwargs():
     with pytest.raises(ValueError, match='unknown training option'):
         ptrain.train_opts_kwargs({'solver': 'adam'})
     assert math.isclose(ptrain._lr_list(0.5)[0], 0.5)
+
+
+# ---------------------------------------------------------------------------- evaluate
+def test_topk_errors_ties_and_ignored_labels():
+    from pydagnn.evaluate import topk_errors
+    s = np.array([[3, 1, 2, 2], [1, 3, 2, 2], [0, 0, 2, 1]], dtype=np.float32)  # C=3 x N=4
+    assert topk_errors(s, [1, 1, 3, 3], ks=(1, 2)) == [3, 2]  # ranks 0, 1, 2 (ties), 2
+    assert topk_errors(s.reshape(1, 1, 3, 4), [0, 2, 1, 1], ks=(1, 2)) == [0, 0]
+
+
+def test_evaluate_command(tmp_path, capsys):
+    from pydagnn import evaluate as pev
+    from pydagnn.io.imdb import save_imdb
+    imdb = tiny_imdb()
+    im = imdb['images']
+    path = str(tmp_path / 'imdb.mat')
+    save_imdb(path, im['data'], im['labels'], im['set'], {'rgbMean': imdb['meta']['rgbMean'],
+                                                          'sets': ['train', 'val', 'test']}, version='7')
+    net, stats, _ = run(tiny_net(), imdb, tmp_path / 'exp', num_epochs=2)
+    ck = str(tmp_path / 'exp' / 'net-epoch-2.mat')
+    res = pev.main(['--model', ck, '--imdb', path, '--batch-size', '5', '--quiet'])
+    out = capsys.readouterr().out
+    assert re.search(r'on val \(12 images\): top-1 error \d\.\d{4}, top-5 error 0\.0000, \d+\.\d images/s', out)
+    # the same as the classerror Loss layer of the val pass (same net, test mode, no flips)
+    assert res['top1error'] == pytest.approx(stats['val'][1]['top1error'])
+    res = pev.main(['--model', ck, '--imdb', path, '--set', 'train', '--json', '--no-prefetch', '--quiet'])
+    assert res['num'] == 40
+    with pytest.raises(SystemExit):
+        pev.main(['--model', ck, '--imdb', path, '--set', 'bogus'])
+
+
+# ---------------------------------------------------------------------------- GPU
+def _cupy():
+    from pydagnn import backend
+    return backend.cupy_or_none()
+
+
+def feature_net(seed=0):
+    """conv-free (Scale + BN + losses) on 1 x 1 x 3 x N mean colours: runs wherever
+    Scale, BatchNorm and Loss run (the GPU check does not depend on a GPU conv)."""
+    from pydagnn.layers.scale import Scale
+    net = DagNN(seed=seed)
+    net.add_layer('scale', Scale(size=[1, 1, 3], hasBias=True), 'input', 'x1', ['s_w', 's_b'])
+    net.add_layer('bn', BatchNorm(numChannels=3), 'x1', 'prediction', ['bn_g', 'bn_b', 'bn_m'])
+    net.add_layer('loss', Loss(loss='softmaxlog'), ['prediction', 'label'], 'objective')
+    net.add_layer('top1err', Loss(loss='classerror'), ['prediction', 'label'], 'top1error')
+    net.init_params(np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    net.get_param('s_w').value = (1 + 0.1 * rng.standard_normal((1, 1, 3))).astype(np.float32)
+    net.get_param('s_b').value = np.zeros((1, 1, 3), np.float32)
+    return net
+
+
+def mean_colour_batch(imdb_, idx, mode, rng):
+    b = pdata.get_batch(imdb_, idx, mode, rng=rng)
+    return {'input': np.asfortranarray(b['input'].mean(axis=(0, 1), keepdims=True) / 50), 'label': b['label']}
+
+
+def test_feature_net_learns_on_cpu(tmp_path):
+    net, stats, _ = run(feature_net(), tiny_imdb(), tmp_path, get_batch=mean_colour_batch, num_epochs=3,
+                        learning_rate=0.5)
+    assert stats['val'][-1]['top1error'] < 0.3
+
+
+@pytest.mark.gpu
+def test_accumulate_gradients_on_gpu():
+    cp = _cupy()
+    if cp is None:
+        pytest.skip('needs cupy and a CUDA device')
+    cpu = _net_with_ders()
+    gpu = _net_with_ders()
+    gpu.move('gpu')
+    for p in gpu.params:
+        p.der = cp.asarray(cpu.get_param(p.name).der)
+    for nesterov in (False, True):
+        sc, sg = {}, {}
+        for _ in range(2):
+            accumulate_gradients(cpu, sc, learning_rate=0.1, batch_size=8, weight_decay=1e-3, nesterov=nesterov)
+            accumulate_gradients(gpu, sg, learning_rate=0.1, batch_size=8, weight_decay=1e-3, nesterov=nesterov)
+        for p in gpu.params:
+            assert isinstance(p.value, cp.ndarray)
+            np.testing.assert_allclose(cp.asnumpy(p.value), cpu.get_param(p.name).value, rtol=1e-12, err_msg=p.name)
+        for k, m in sg['momentum'].items():
+            assert isinstance(m, cp.ndarray)
+            np.testing.assert_allclose(cp.asnumpy(m), sc['momentum'][k], rtol=1e-12)
+
+
+@pytest.mark.gpu
+def test_train_on_gpu_matches_cpu_and_resumes(tmp_path):
+    cp = _cupy()
+    if cp is None:
+        pytest.skip('needs cupy and a CUDA device')
+    imdb = tiny_imdb()
+    kw = dict(get_batch=mean_colour_batch, learning_rate=[0.5, 0.3, 0.1])
+    ref, st_ref, _ = run(feature_net(), imdb, tmp_path / 'cpu', num_epochs=3, **kw)
+    straight, st_g, lines = run(feature_net(), imdb, tmp_path / 'gpu', num_epochs=3, gpus=[0], **kw)
+    assert straight.device == 'cpu'  # handed back on the CPU
+    for k, v in params_of(ref).items():
+        np.testing.assert_allclose(params_of(straight)[k], v, rtol=2e-4, atol=1e-5, err_msg=k)
+    assert st_g['val'][-1]['top1error'] == pytest.approx(st_ref['val'][-1]['top1error'], abs=0.09)
+    # checkpoints written from the GPU hold NumPy momentum; a resumed GPU run continues exactly
+    _, state, _ = ptrain.load_checkpoint(str(tmp_path / 'gpu' / 'net-epoch-3.mat'))
+    assert all(isinstance(m, np.ndarray) for m in state['momentum'].values()) and state['momentum']
+    run(feature_net(), imdb, tmp_path / 'gpu2', num_epochs=2, gpus=[0], **kw)
+    resumed, _, lines = run(feature_net(), imdb, tmp_path / 'gpu2', num_epochs=3, gpus=[0], **kw)
+    assert any('resuming by loading epoch 2' in l for l in lines)
+    a, b = params_of(straight), params_of(resumed)
+    diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+    print('GPU resume max |difference|:', diff)
+    assert diff <= 1e-6
+
+
+@pytest.mark.gpu
+def test_train_conv_net_on_gpu(tmp_path):
+    cp = _cupy()
+    if cp is None:
+        pytest.skip('needs cupy and a CUDA device')
+    from pydagnn.layers.conv import conv_forward
+    try:
+        conv_forward(cp.zeros((4, 4, 3, 1), cp.float32, order='F'), cp.zeros((3, 3, 3, 2), cp.float32, order='F'))
+    except Exception as e:  # the GPU conv is not there yet
+        pytest.skip(f'conv_forward does not run on CuPy arrays ({type(e).__name__})')
+    imdb = tiny_imdb()
+    ref, st_ref, _ = run(tiny_net(), imdb, tmp_path / 'cpu', num_epochs=2)
+    net, st, _ = run(tiny_net(), imdb, tmp_path / 'gpu', num_epochs=2, gpus=[0])
+    for k, v in params_of(ref).items():
+        np.testing.assert_allclose(params_of(net)[k], v, rtol=1e-3, atol=1e-4, err_msg=k)
