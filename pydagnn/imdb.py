@@ -13,15 +13,17 @@ import sys
 import time
 
 from .io.errors import MatFileError
-from .io.imdb import (ImdbWriter, Imdb, ImageArray, MatStruct, RgbStats, convert_imagenet64,  # noqa: F401
-                      imdb_info, load_imdb, repack_imdb, save_imdb, synth_imdb)
+from .io.imdb import (ImdbWriter, Imdb, ImageArray, MatStruct, RgbStats,  # noqa: F401
+                      convert_imagenet64, imdb_info, load_imdb, repack_imdb, save_imdb,
+                      synth_imdb)
 
 
 def _parser():
     p = argparse.ArgumentParser(prog='python -m pydagnn.imdb', description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
 
-    c = sub.add_parser('convert', help='downsampled-ImageNet batches (or an imdb.mat) -> imdb.mat (v7.3)')
+    c = sub.add_parser('convert',
+                       help='downsampled-ImageNet batches (or an imdb.mat) -> imdb.mat (v7.3)')
     c.add_argument('--src', required=True, help='folder with train_data_batch_1..10 and val_data, '
                    'or an existing imdb.mat to repack')
     c.add_argument('--out', required=True, help='the imdb.mat to write')
@@ -36,7 +38,8 @@ def _parser():
     s.add_argument('--num-classes', type=int, default=10)
     s.add_argument('--size', type=int, default=64)
     s.add_argument('--seed', type=int, default=0)
-    s.add_argument('--noise', type=float, default=24.0, help='std of the added Gaussian noise (0..255 units)')
+    s.add_argument('--noise', type=float, default=24.0,
+                   help='std of the added Gaussian noise (0..255 units)')
     s.add_argument('--version', choices=('7.3', '7'), default='7.3')
     s.add_argument('--layout', choices=('contiguous', 'chunked'), default='contiguous')
 

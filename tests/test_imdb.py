@@ -141,6 +141,9 @@ def test_round_trip(tmp_path, version, layout, compression):
         assert float(np.squeeze(m.nested.k)) == 3.0
         np.testing.assert_array_equal(np.ravel(m.nested.flag), [True, False])
     assert os.listdir(tmp_path) == ['x.mat']            # no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask   # not mkstemp's 0600
     if version == '7':
         raw = scipy.io.loadmat(path)                   # MATLAB v7 as scipy (and MATLAB) read it
         assert raw['images']['data'][0, 0].shape == data.shape
@@ -159,6 +162,17 @@ def test_round_trip_across_versions(tmp_path):
         np.testing.assert_array_equal(v73.meta.rgbCovariance, ref.meta.rgbCovariance)
         assert v73.meta.sets == ref.meta.sets
     ref.close()
+
+
+def test_repack_matlab_file(tmp_path):
+    fake = shared_path(*FAKE)
+    out = repack_imdb(fake, tmp_path / 'fast.mat')
+    with load_imdb(fake) as a, load_imdb(out) as b:
+        assert type(b.images.data._source).__name__ == '_PreadSource'
+        _check_same(b, np.asarray(a.images.data), a.images.labels, a.images.set)
+        np.testing.assert_array_equal(b.meta.rgbMean, a.meta.rgbMean)
+        np.testing.assert_array_equal(b.meta.rgbCovariance, a.meta.rgbCovariance)
+        assert b.meta.sets == a.meta.sets
 
 
 def test_struct_wrapped_in_imdb_variable(tmp_path):
@@ -231,8 +245,15 @@ def test_indexing_matches_memory(sources, kind):
         np.testing.assert_array_equal(data[..., [2, 1]], ref[..., [2, 1]])
         np.testing.assert_array_equal(data[1:4, ::2, 0, [5, 6]], ref[1:4, ::2, 0, [5, 6]])
         np.testing.assert_array_equal(data[0, :, 1, 7], ref[0, :, 1, 7])
+        np.testing.assert_array_equal(data[2, 1:, :, np.array(4)], ref[2, 1:, :, 4])
         np.testing.assert_array_equal(np.asarray(data), ref)
         np.testing.assert_array_equal(np.asarray(data, dtype=np.float32), ref.astype(np.float32))
+        buf = np.zeros((9, 7, 3, 5), np.uint8, order='F')               # a reused output buffer
+        for idx in ([4, 3, 2, 1, 0], [22, 21, 22, 0, 1], slice(10, 15)):
+            assert data.read(idx, out=buf) is not None
+            np.testing.assert_array_equal(buf, ref[:, :, :, idx])
+        with pytest.raises(ValueError, match='Fortran'):
+            data.read([1, 2], out=buf)
         with pytest.raises(IndexError):
             data[:, :, :, 23]
         with pytest.raises(IndexError):
@@ -268,6 +289,16 @@ def test_pickle_close_and_processes(sources):
                          capture_output=True, check=True)
     np.testing.assert_array_equal(np.frombuffer(res.stdout, np.uint8),
                                   np.ascontiguousarray(ref[:, :, :, [0, 22]]).ravel())
+
+
+def test_file_replaced_after_load(tmp_path):
+    data, labels, sets, meta = _small()
+    p = tmp_path / 'x.mat'
+    save_imdb(p, data, labels, sets, meta)
+    blob = pickle.dumps(load_imdb(p))
+    save_imdb(p, data[:, :, :, :5], labels[:5], sets[:5], meta)
+    with pytest.raises(MatFileError, match='changed'):
+        pickle.loads(blob).images.data[:, :, :, 0]
 
 
 def _read_in_child(imdb, idx):

@@ -22,7 +22,8 @@ class MatFileError(ValueError):
         elif len(args) == 1:
             message = args[0]
         elif args:
-            raise TypeError('MatFileError(path, field, message) or MatFileError(message, path=, field=)')
+            raise TypeError('use MatFileError(path, field, message) '
+                            'or MatFileError(message, path=, field=)')
         self.path = None if path is None else str(path)
         self.field = field
         self.reason = '' if message is None else str(message)
