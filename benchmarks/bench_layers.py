@@ -103,14 +103,16 @@ def bench_pool(case, batch, repeat, dtype):
     fwd = _median_ms(lambda: pool_forward(x, ps, method, pad=pad, stride=stride), repeat)
     bwd = _median_ms(lambda: pool_backward(x, dy, ps, method, pad=pad, stride=stride), repeat)
     taps = float(y.size) * ps * ps
-    return {'op': name, 'shape': [H, W, C], 'pool': ps, 'method': method, 'pad': pad, 'stride': stride,
-            'batch': batch, 'dtype': np.dtype(dtype).name,
+    return {'op': name, 'shape': [H, W, C], 'pool': ps, 'method': method, 'pad': pad,
+            'stride': stride, 'batch': batch, 'dtype': np.dtype(dtype).name,
             'forward_ms': round(fwd, 3), 'backward_ms': round(bwd, 3),
-            'forward_gflops': round(taps / fwd / 1e6, 3), 'backward_gflops': round(taps / bwd / 1e6, 3)}
+            'forward_gflops': round(taps / fwd / 1e6, 3),
+            'backward_gflops': round(taps / bwd / 1e6, 3)}
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--batch', type=int, default=32)
     ap.add_argument('--repeat', type=int, default=7)
     ap.add_argument('--ops', default='gemm,conv,pool',

@@ -17,8 +17,9 @@ Implementation: Fortran-order maps (``x.T`` is a C-contiguous ``(N, C, W, H)`` v
 whole unpadded input) are GEMMs on the input itself, without any copy. Everything else
 is im2col (numba) + one GEMM per chunk of images, with chunks sized so the column matrix
 stays in cache; the backward pass is one GEMM for ``dw`` and one for ``dx`` per chunk,
-then col2im (numba). The dtype of ``x`` is kept (float32 or float64); the results are
-Fortran-contiguous.
+then col2im (numba). The batch is split over worker threads, each streaming through
+its own images with single-threaded BLAS (see :mod:`pydagnn.layers.kernels.threads_cpu`).
+The dtype of ``x`` is kept (float32 or float64); the results are Fortran-contiguous.
 """
 import math
 
@@ -26,11 +27,14 @@ import numpy as np
 
 from pydagnn.layer import Layer, register
 from pydagnn.layers.kernels import im2col_cpu as _k
+from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'parse_pair', 'Conv']
 
-#: target size in bytes of the im2col buffer of one chunk of images (fits the L3 cache)
-COL_CHUNK_BYTES = 4 << 20
+#: target size in bytes of the im2col buffer of one chunk of images: the images of a chunk
+#: share one GEMM, and the buffer stays in cache between im2col and the GEMM. Maps of
+#: 32x32 and larger (or many channels) get one image per chunk.
+COL_CHUNK_BYTES = 2 << 20
 
 
 # --------------------------------------------------------------------------- options
@@ -92,8 +96,9 @@ def _as4d(a, name, op):
 
 def _fortran(a, dtype):
     """``a`` as a Fortran-contiguous array of ``dtype`` (no copy when it already is one)."""
-    return np.asarray(a, dtype=dtype, order='F') if not (a.dtype == dtype and a.flags.f_contiguous) \
-        else a
+    if a.dtype == dtype and a.flags.f_contiguous:
+        return a
+    return np.asarray(a, dtype=dtype, order='F')
 
 
 class _Geom:
@@ -117,14 +122,14 @@ class _Geom:
                              f'{self.Cin} (shape {w.shape}) or a multiple of it')
         self.G = self.C // self.Cin
         if self.Cout % self.G != 0:
-            raise ValueError(f'{op}: grouped convolution: x has {self.C} channels = {self.G} groups of '
-                             f'{self.Cin}, but the {self.Cout} filters (shape {w.shape}) do not divide '
-                             f'into {self.G} groups')
+            raise ValueError(f'{op}: grouped convolution: x has {self.C} channels = {self.G} '
+                             f'groups of {self.Cin}, but the {self.Cout} filters (shape {w.shape}) '
+                             f'do not divide into {self.G} groups')
         self.fhe = (self.FH - 1) * self.ry + 1
         self.fwe = (self.FW - 1) * self.rx + 1
         if self.H + self.pt + self.pb < self.fhe or self.W + self.pl + self.pr < self.fwe:
-            raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) are larger '
-                             f'than the padded input: x shape {x.shape}, pad '
+            raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) '
+                             f'are larger than the padded input: x shape {x.shape}, pad '
                              f'{[self.pt, self.pb, self.pl, self.pr]}')
         self.Ho = (self.H + self.pt + self.pb - self.fhe) // self.sy + 1
         self.Wo = (self.W + self.pl + self.pr - self.fwe) // self.sx + 1
@@ -164,7 +169,8 @@ class _Geom:
         return max(1, min(self.N, COL_CHUNK_BYTES // per_image))
 
     def kargs(self):
-        return (self.FH, self.FW, self.Ho, self.Wo, self.pt, self.pl, self.sy, self.sx, self.ry, self.rx)
+        return (self.FH, self.FW, self.Ho, self.Wo, self.pt, self.pl,
+                self.sy, self.sx, self.ry, self.rx)
 
 
 def _view(flat, rows, cols):
@@ -183,42 +189,54 @@ def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
     y = np.empty(g.out_shape, dtype=g.dtype, order='F')
     if g.N == 0:
         return y
-    yT3 = y.T.reshape(g.N, g.Cout, g.P)
+    N, P = g.N, g.P
+    yT3 = y.T.reshape(N, g.Cout, P)
     xT = g.x.T
     wm = g.wmat()
+    bcol = None if g.b is None else g.b[:, None]
     if g.fc:
-        # every image is one row of x.T: y.T (N, Cout) = X (N, K) @ Wm.T
-        np.matmul(xT.reshape(g.N, g.K), wm.T, out=yT3.reshape(g.N, g.Cout))
-    elif g.pointwise:
-        np.matmul(wm, xT.reshape(g.N, g.C, g.P), out=yT3)
-    elif _conv_forward_im2col(g, xT, wm, yT3):
-        return y   # the bias was added while copying the GEMM results out
-    if g.b is not None:
-        _k.add_bias(yT3, g.b)
-    return y
+        # every image is one row of x.T: y.T (N, Cout) = X (N, K) @ Wm.T, one GEMM
+        np.matmul(xT.reshape(N, g.K), wm.T, out=yT3.reshape(N, g.Cout))
+        if bcol is not None:
+            yT3 += bcol
+        return y
+    if g.pointwise:
+        x3 = xT.reshape(N, g.C, P)
 
-
-def _conv_forward_im2col(g, xT, wm, yT3):
-    """im2col + GEMM per chunk of images. Returns True when the bias has been added."""
+        def part(a, b, _):
+            np.matmul(wm, x3[a:b], out=yT3[a:b])   # one GEMM per image, on x itself
+            if bcol is not None:
+                yT3[a:b] += bcol
+        parallel_for(part, N)
+        return y
     nc = g.chunk()
     P, Cog, Kg = g.P, g.Cout // g.G, g.Kg
-    col = np.empty(g.K * nc * P, dtype=g.dtype)
-    direct = nc == 1 and g.G == 1   # GEMM straight into the output, bias added afterwards
-    tmp = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
-    bias = g.b if g.b is not None else np.zeros(0, dtype=g.dtype)
-    for n0 in range(0, g.N, nc):
-        m = min(nc, g.N - n0)
-        c = _view(col, g.K, m * P)
-        _k.im2col(xT, c, n0, *g.kargs())
-        if direct:
-            np.matmul(wm, c, out=yT3[n0])
-            continue
-        t = _view(tmp, g.Cout, m * P)
-        for gi in range(g.G):
-            np.matmul(wm[gi * Cog:(gi + 1) * Cog], c[gi * Kg:(gi + 1) * Kg],
-                      out=t[gi * Cog:(gi + 1) * Cog])
-        _k.cols_to_batch(t, yT3, n0, bias, g.b is not None)
-    return not direct
+    direct = nc == 1 and g.G == 1   # GEMM straight into the output
+
+    def part(a, b, _):
+        col = np.empty(g.K * nc * P, dtype=g.dtype)
+        tmp = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
+        for n0 in range(a, b, nc):
+            m = min(nc, b - n0)
+            c = _view(col, g.K, m * P)
+            _k.im2col(xT, c, n0, *g.kargs())
+            if direct:
+                out = yT3[n0]
+                np.matmul(wm, c, out=out)
+                if bcol is not None:
+                    out += bcol
+                continue
+            t = _view(tmp, g.Cout, m * P)
+            for gi in range(g.G):
+                np.matmul(wm[gi * Cog:(gi + 1) * Cog], c[gi * Kg:(gi + 1) * Kg],
+                          out=t[gi * Cog:(gi + 1) * Cog])
+            t3 = t.reshape(g.Cout, m, P).transpose(1, 0, 2)   # (Cout, m, P) -> (m, Cout, P)
+            if bcol is not None:
+                np.add(t3, bcol, out=yT3[n0:n0 + m])
+            else:
+                yT3[n0:n0 + m] = t3
+    parallel_for(part, N)
+    return y
 
 
 # --------------------------------------------------------------------------- backward
@@ -236,31 +254,32 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
     dy = _fortran(dy, g.dtype)
     N, P = g.N, g.P
     dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
-    dw = np.empty(g.w.shape, dtype=g.dtype, order='F')
-    db = None
-    if g.b is not None:
-        db = np.empty(g.Cout, dtype=g.dtype)
+    dw = np.zeros(g.w.shape, dtype=g.dtype, order='F')
+    db = None if g.b is None else np.zeros(g.Cout, dtype=g.dtype)
     if N == 0:
-        dw[...] = 0
-        if db is not None:
-            db[...] = 0
         return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
-    xT, dxT, dyT = g.x.T, dx.T, dy.T
-    dyT3 = dyT.reshape(N, g.Cout, P)
+    xT, dxT = g.x.T, dx.T
+    dyT3 = dy.T.reshape(N, g.Cout, P)
     wm = g.wmat()
     dwm = dw.T.reshape(g.Cout, g.Kg)
-    if db is not None:
-        _k.bias_grad(dyT3, db)
     if g.fc:
         x2 = xT.reshape(N, g.K)
         dy2 = dyT3.reshape(N, g.Cout)
         np.matmul(dy2, wm, out=dxT.reshape(N, g.K))
         np.matmul(dy2.T, x2, out=dwm)
-    elif g.pointwise:
-        np.matmul(wm.T, dyT3, out=dxT.reshape(N, g.C, P))
-        _pointwise_dw(g, xT.reshape(N, g.C, P), dyT3, dwm)
+        if db is not None:
+            np.sum(dy2, axis=0, out=db)
     else:
-        _conv_backward_im2col(g, xT, dxT, dyT3, wm, dwm)
+        if g.pointwise:
+            part = _pointwise_backward_part(g, xT.reshape(N, g.C, P), dxT.reshape(N, g.C, P),
+                                            dyT3, wm)
+        else:
+            part = _im2col_backward_part(g, xT, dxT, dyT3, wm)
+        # each part returns its own sums over its images: (dW, db)
+        for pdw, pdb in parallel_for(part, N):
+            dwm += pdw
+            if db is not None:
+                db += pdb
     return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
 
 
@@ -268,68 +287,65 @@ def _cast(a, dtype):
     return None if a is None else a.astype(dtype, copy=False)
 
 
-def _pointwise_dw(g, x3, dyT3, dwm):
-    """dW (Cout, C) = sum_n dY_n (Cout, P) @ X_n.T (P, C): one GEMM per chunk of images,
-    after packing the chunk's dY and X side by side (cheap next to the GEMM)."""
-    N, P = g.N, g.P
-    per_image = (g.C + g.Cout) * P * g.dtype.itemsize
-    nc = max(1, min(N, COL_CHUNK_BYTES // per_image))
-    if nc == 1:
-        # per-image GEMMs: the batched product then a sum over the images
-        if N == 1:
-            np.matmul(dyT3[0], x3[0].T, out=dwm)
-            return
-        acc = np.matmul(dyT3, x3.transpose(0, 2, 1))
-        np.sum(acc, axis=0, out=dwm)
-        return
-    xc = np.empty(g.C * nc * P, dtype=g.dtype)
-    dc = np.empty(g.Cout * nc * P, dtype=g.dtype)
-    part = np.empty_like(dwm)
-    first = True
-    for n0 in range(0, N, nc):
-        m = min(nc, N - n0)
-        xcm, dcm = _view(xc, g.C, m * P), _view(dc, g.Cout, m * P)
-        _k.batch_to_cols(x3, xcm, n0)
-        _k.batch_to_cols(dyT3, dcm, n0)
-        if first:
-            np.matmul(dcm, xcm.T, out=dwm)
-            first = False
-        else:
-            np.matmul(dcm, xcm.T, out=part)
-            dwm += part
+def _pointwise_backward_part(g, x3, dx3, dyT3, wm):
+    """dX_n = Wm.T @ dY_n on dy itself; dW = sum_n dY_n @ X_n.T, one GEMM per chunk of
+    images after packing the chunk's dY and X side by side (cheap next to the GEMM)."""
+    P = g.P
+    nc = max(1, COL_CHUNK_BYTES // ((g.C + g.Cout) * P * g.dtype.itemsize))
+
+    def part(a, b, _):
+        np.matmul(wm.T, dyT3[a:b], out=dx3[a:b])
+        pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
+        pdw = np.zeros((g.Cout, g.C), dtype=g.dtype)
+        step = min(nc, b - a)
+        if step == 1:
+            for n in range(a, b):
+                pdw += dyT3[n] @ x3[n].T
+            return pdw, pdb
+        xc = np.empty(g.C * step * P, dtype=g.dtype)
+        dc = np.empty(g.Cout * step * P, dtype=g.dtype)
+        for n0 in range(a, b, step):
+            m = min(step, b - n0)
+            xcm, dcm = _view(xc, g.C, m * P), _view(dc, g.Cout, m * P)
+            xcm.reshape(g.C, m, P)[...] = x3[n0:n0 + m].transpose(1, 0, 2)
+            dcm.reshape(g.Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
+            pdw += dcm @ xcm.T
+        return pdw, pdb
+    return part
 
 
-def _conv_backward_im2col(g, xT, dxT, dyT3, wm, dwm):
-    N, P, Cog, Kg = g.N, g.P, g.Cout // g.G, g.Kg
+def _im2col_backward_part(g, xT, dxT, dyT3, wm):
+    """Per chunk: im2col, dW += dY @ col.T (one GEMM), dcol = Wm.T @ dY (one GEMM) written
+    over the column buffer, col2im."""
+    P, Cog, Kg = g.P, g.Cout // g.G, g.Kg
     nc = g.chunk()
-    col = np.empty(g.K * nc * P, dtype=g.dtype)
     direct = nc == 1
-    dyc = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
-    part = np.empty_like(dwm)
-    first = True
-    for n0 in range(0, N, nc):
-        m = min(nc, N - n0)
-        c = _view(col, g.K, m * P)
-        _k.im2col(xT, c, n0, *g.kargs())
-        if direct:
-            d = dyT3[n0]
-        else:
-            d = _view(dyc, g.Cout, m * P)
-            _k.batch_to_cols(dyT3, d, n0)
-        for gi in range(g.G):
-            rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
-            if first:
-                np.matmul(d[rs], c[ks].T, out=dwm[rs])
+
+    def part(a, b, _):
+        col = np.empty(g.K * nc * P, dtype=g.dtype)
+        dyc = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
+        pdw = np.zeros((g.Cout, Kg), dtype=g.dtype)
+        tmp = np.empty((Cog, Kg), dtype=g.dtype)
+        pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
+        for n0 in range(a, b, nc):
+            m = min(nc, b - n0)
+            c = _view(col, g.K, m * P)
+            _k.im2col(xT, c, n0, *g.kargs())
+            if direct:
+                d = dyT3[n0]
             else:
-                np.matmul(d[rs], c[ks].T, out=part[rs])
-        if not first:
-            dwm += part
-        first = False
-        # dcol = W.T @ dY, written over the column buffer, then folded back
-        for gi in range(g.G):
-            rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
-            np.matmul(wm[rs].T, d[rs], out=c[ks])
-        _k.col2im(c, dxT, n0, *g.kargs())
+                d = _view(dyc, g.Cout, m * P)
+                d.reshape(g.Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
+            for gi in range(g.G):
+                rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+                np.matmul(d[rs], c[ks].T, out=tmp)
+                pdw[rs] += tmp
+            for gi in range(g.G):
+                rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+                np.matmul(wm[rs].T, d[rs], out=c[ks])
+            _k.col2im(c, dxT, n0, *g.kargs())
+        return pdw, pdb
+    return part
 
 
 # --------------------------------------------------------------------------- block
@@ -344,6 +360,8 @@ def _flag(v):
 @register('dagnn.Conv')
 class Conv(Layer):
     """``dagnn.Conv``: inputs [x], params [filters] or [filters, biases], outputs [y]."""
+    #: backward reads x, not y: the engine may free y (conv -> ReLU)
+    backward_needs_outputs = False
     properties = {
         'size': [0, 0, 0, 0],
         'hasBias': True,
@@ -358,7 +376,8 @@ class Conv(Layer):
         return (s + [1, 1, 1, 1])[:4]
 
     def _bias(self, params):
-        if _flag(self.hasBias) and len(params) > 1 and params[1] is not None and np.size(params[1]) > 0:
+        if _flag(self.hasBias) and len(params) > 1 and params[1] is not None \
+                and np.size(params[1]) > 0:
             return params[1]
         return None
 
@@ -370,16 +389,17 @@ class Conv(Layer):
         b = self._bias(params)
         dx, dw, db = conv_backward(inputs[0], params[0], b, der_outputs[0],
                                    pad=self.pad, stride=self.stride, dilate=self.dilate)
-        der_params = [dw] + [None] * (len(params) - 1)
+        # derivatives in the shapes of the values (MATLAB may have dropped trailing 1s)
+        der_params = [dw.reshape(np.shape(params[0]), order='F')] + [None] * (len(params) - 1)
         if b is not None:
             der_params[1] = db.reshape(np.shape(params[1]))
-        return [dx], der_params
+        return [dx.reshape(np.shape(inputs[0]), order='F')], der_params
 
     def get_output_sizes(self, input_sizes):
         s = input_sizes[0] if input_sizes else None
         if s is None:
             return [None]
-        s = tuple(s) + (1,) * (4 - len(s))
+        s = tuple(int(v) for v in s) + (1,) * (4 - len(s))
         fh, fw, _, cout = self._size4()
         pt, pb, pl, pr = parse_pad(self.pad, 'Conv')
         sy, sx = parse_pair(self.stride, 'stride', 'Conv')

@@ -23,6 +23,7 @@ import numpy as np
 from pydagnn.layer import Layer, register
 from pydagnn.layers.conv import parse_pad, parse_pair, _as4d, _fortran
 from pydagnn.layers.kernels import pool_cpu as _k
+from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['pool_forward', 'pool_backward', 'pool_output_size', 'Pooling']
 
@@ -51,11 +52,12 @@ class _PoolGeom:
         self.pt, self.pb, self.pl, self.pr = parse_pad(pad, op)
         self.sy, self.sx = parse_pair(stride, 'stride', op)
         if self.pt >= self.ph or self.pb >= self.ph or self.pl >= self.pw or self.pr >= self.pw:
-            raise ValueError(f'{op}: a padding value {[self.pt, self.pb, self.pl, self.pr]} is larger than or '
-                             f'equal to the pooling window {[self.ph, self.pw]}')
+            raise ValueError(f'{op}: a padding value {[self.pt, self.pb, self.pl, self.pr]} is '
+                             f'larger than or equal to the pooling window {[self.ph, self.pw]}')
         if self.H + self.pt + self.pb < self.ph or self.W + self.pl + self.pr < self.pw:
-            raise ValueError(f'{op}: the pooling window {[self.ph, self.pw]} is larger than the input '
-                             f'{x.shape} (including padding {[self.pt, self.pb, self.pl, self.pr]})')
+            raise ValueError(f'{op}: the pooling window {[self.ph, self.pw]} is larger than the '
+                             f'input {x.shape} (including padding '
+                             f'{[self.pt, self.pb, self.pl, self.pr]})')
         self.Ho = (self.H + self.pt + self.pb - self.ph) // self.sy + 1
         self.Wo = (self.W + self.pl + self.pr - self.pw) // self.sx + 1
         # the window is the whole map: one output per channel
@@ -91,10 +93,8 @@ def pool_forward(x, pool_size, method='max', pad=0, stride=1):
         np.sum(xT.reshape(g.N, g.C, g.H * g.W), axis=2, out=y2)
         y2 *= g.dtype.type(1) / g.dtype.type(g.H * g.W)
         return y
-    if g.method == 'max':
-        _k.max_forward(xT, yT, *g.kargs())
-    else:
-        _k.avg_forward(xT, yT, *g.kargs())
+    kern = _k.max_forward if g.method == 'max' else _k.avg_forward
+    parallel_for(lambda a, b, _: kern(xT, yT, a, b, *g.kargs()), g.N, uses_blas=False)
     return y
 
 
@@ -104,8 +104,9 @@ def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
     g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_backward')
     dy = _as4d(dy, 'dy', 'pool_backward')
     if dy.shape != g.out_shape:
-        raise ValueError(f'pool_backward: dy has shape {dy.shape}, expected {g.out_shape} (x {g.x.shape}, '
-                         f'pool {[g.ph, g.pw]}, pad {[g.pt, g.pb, g.pl, g.pr]}, stride {[g.sy, g.sx]})')
+        raise ValueError(f'pool_backward: dy has shape {dy.shape}, expected {g.out_shape} '
+                         f'(x {g.x.shape}, pool {[g.ph, g.pw]}, pad {[g.pt, g.pb, g.pl, g.pr]}, '
+                         f'stride {[g.sy, g.sx]})')
     dy = _fortran(dy, g.dtype)
     dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
     if dx.size == 0:
@@ -116,9 +117,12 @@ def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
         np.multiply(dyT.reshape(g.N, g.C, 1), scale, out=dxT.reshape(g.N, g.C, g.H * g.W))
         return dx
     if g.method == 'max':
-        _k.max_backward(xT, dyT, dxT, *g.kargs())
+        def part(a, b, _):
+            _k.max_backward(xT, dyT, dxT, a, b, *g.kargs())
     else:
-        _k.avg_backward(dyT, dxT, *g.kargs())
+        def part(a, b, _):
+            _k.avg_backward(dyT, dxT, a, b, *g.kargs())
+    parallel_for(part, g.N, uses_blas=False)
     return dx
 
 
@@ -129,6 +133,8 @@ class Pooling(Layer):
     ``dilate`` is stored because MatConvNet's ``dagnn.Filter`` base class has it (saved
     nets carry it); ``vl_nnpool`` has no dilation, so only 1 is accepted.
     """
+    #: backward reads x (the max positions), not y
+    backward_needs_outputs = False
     properties = {
         'method': 'max',
         'poolSize': [1, 1],
@@ -141,21 +147,24 @@ class Pooling(Layer):
     def _check_dilate(self):
         d = parse_pair(self.dilate, 'dilate', 'Pooling')
         if d != (1, 1):
-            raise ValueError(f'Pooling: dilate must be 1 (vl_nnpool has no dilation), got {list(d)}')
+            raise ValueError(f'Pooling: dilate must be 1 (vl_nnpool has no dilation), '
+                             f'got {list(d)}')
 
     def forward(self, inputs, params):
         self._check_dilate()
-        return [pool_forward(inputs[0], self.poolSize, self.method, pad=self.pad, stride=self.stride)]
+        return [pool_forward(inputs[0], self.poolSize, self.method,
+                             pad=self.pad, stride=self.stride)]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
         self._check_dilate()
-        return [pool_backward(inputs[0], der_outputs[0], self.poolSize, self.method,
-                              pad=self.pad, stride=self.stride)], []
+        dx = pool_backward(inputs[0], der_outputs[0], self.poolSize, self.method,
+                           pad=self.pad, stride=self.stride)
+        return [dx.reshape(np.shape(inputs[0]), order='F')], []
 
     def get_output_sizes(self, input_sizes):
         s = input_sizes[0] if input_sizes else None
         if s is None:
             return [None]
-        s = tuple(s) + (1,) * (4 - len(s))
+        s = tuple(int(v) for v in s) + (1,) * (4 - len(s))
         ho, wo = pool_output_size(s[0], s[1], self.poolSize, self.pad, self.stride)
         return [(ho, wo, s[2], s[3])]

@@ -11,18 +11,19 @@ the image (padding never takes part):
 * avg: the sum times ``1 / n`` where ``n`` is the number of window elements *inside the
   image* (MatConvNet's CPU and GPU code both divide by the clipped window size).
 
-Every kernel is parallel over (image, channel) planes, so accumulation is race-free and
-in a fixed order.
+The kernels are serial, release the GIL and work on the images ``[n0, n1)``: callers
+split the batch over worker threads (:mod:`threads_cpu`); every image's planes are
+written by one thread, in a fixed order. Inner loops index raveled arrays with uint64
+offsets (no wraparound code; see im2col_cpu.py).
 """
-import os
-
-os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')   # see im2col_cpu.py
-
-import numpy as np  # noqa: E402,F401
-from numba import njit, prange  # noqa: E402
+import numpy as np
+from numba import njit
 
 
-@njit(cache=True, inline='always')
+_U = np.uint64
+
+
+@njit(cache=True)
 def _window(o, s, p, size, n):
     a = o * s - p
     b = a + size
@@ -33,99 +34,114 @@ def _window(o, s, p, size, n):
     return a, b
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def max_forward(xT, yT, ph, pw, pt, pl, sy, sx):
+@njit(nogil=True, cache=True, fastmath=False)
+def max_forward(xT, yT, n0, n1, ph, pw, pt, pl, sy, sx):
     N, C, W, H = xT.shape
     Wo = yT.shape[2]
     Ho = yT.shape[3]
-    ninf = -np.inf
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
+    xf = xT.ravel()
+    yf = yT.ravel()
+    ninf = xT.dtype.type(-np.inf)
+    for t in range(n0 * C, n1 * C):
+        xp = t * W * H
+        yp = t * Wo * Ho
         for wo in range(Wo):
             u1, u2 = _window(wo, sx, pl, pw, W)
             for ho in range(Ho):
                 v1, v2 = _window(ho, sy, pt, ph, H)
-                m = xT.dtype.type(ninf)
+                m = ninf
                 for u in range(u1, u2):
-                    for v in range(v1, v2):
-                        val = xT[n, c, u, v]
+                    base = _U(xp + u * H)
+                    for v in range(_U(v1), _U(v2)):
+                        val = xf[base + v]
                         if val > m:
                             m = val
-                yT[n, c, wo, ho] = m
+                yf[_U(yp + wo * Ho + ho)] = m
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def max_backward(xT, dyT, dxT, ph, pw, pt, pl, sy, sx):
+@njit(nogil=True, cache=True, fastmath=False)
+def max_backward(xT, dyT, dxT, n0, n1, ph, pw, pt, pl, sy, sx):
     N, C, W, H = xT.shape
     Wo = dyT.shape[2]
     Ho = dyT.shape[3]
-    ninf = -np.inf
+    xf = xT.ravel()
+    dyf = dyT.ravel()
+    dxf = dxT.ravel()
+    ninf = xT.dtype.type(-np.inf)
     zero = dxT.dtype.type(0)
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        for a in range(W):
-            for b in range(H):
-                dxT[n, c, a, b] = zero
+    WH = _U(W * H)
+    for t in range(n0 * C, n1 * C):
+        xp = t * W * H
+        yp = t * Wo * Ho
+        uxp = _U(xp)
+        for a in range(WH):
+            dxf[uxp + a] = zero
         for wo in range(Wo):
             u1, u2 = _window(wo, sx, pl, pw, W)
             for ho in range(Ho):
                 v1, v2 = _window(ho, sy, pt, ph, H)
-                m = xT.dtype.type(ninf)
-                bu = -1
-                bv = -1
+                m = ninf
+                best = _U(0)
+                found = False
                 for u in range(u1, u2):
-                    for v in range(v1, v2):
-                        val = xT[n, c, u, v]
+                    base = _U(xp + u * H)
+                    for v in range(_U(v1), _U(v2)):
+                        val = xf[base + v]
                         if val > m:
                             m = val
-                            bu = u
-                            bv = v
-                if bu >= 0:
-                    dxT[n, c, bu, bv] += dyT[n, c, wo, ho]
+                            best = base + v
+                            found = True
+                if found:
+                    dxf[best] += dyf[_U(yp + wo * Ho + ho)]
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def avg_forward(xT, yT, ph, pw, pt, pl, sy, sx):
+@njit(nogil=True, cache=True, fastmath=False)
+def avg_forward(xT, yT, n0, n1, ph, pw, pt, pl, sy, sx):
     N, C, W, H = xT.shape
     Wo = yT.shape[2]
     Ho = yT.shape[3]
+    xf = xT.ravel()
+    yf = yT.ravel()
     one = xT.dtype.type(1)
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
+    for t in range(n0 * C, n1 * C):
+        xp = t * W * H
+        yp = t * Wo * Ho
         for wo in range(Wo):
             u1, u2 = _window(wo, sx, pl, pw, W)
             for ho in range(Ho):
                 v1, v2 = _window(ho, sy, pt, ph, H)
                 s = xT.dtype.type(0)
                 for u in range(u1, u2):
-                    for v in range(v1, v2):
-                        s += xT[n, c, u, v]
+                    base = _U(xp + u * H)
+                    for v in range(_U(v1), _U(v2)):
+                        s += xf[base + v]
                 scale = one / xT.dtype.type((u2 - u1) * (v2 - v1))
-                yT[n, c, wo, ho] = s * scale
+                yf[_U(yp + wo * Ho + ho)] = s * scale
 
 
-@njit(parallel=True, cache=True, fastmath=False)
-def avg_backward(dyT, dxT, ph, pw, pt, pl, sy, sx):
+@njit(nogil=True, cache=True, fastmath=False)
+def avg_backward(dyT, dxT, n0, n1, ph, pw, pt, pl, sy, sx):
     N, C, W, H = dxT.shape
     Wo = dyT.shape[2]
     Ho = dyT.shape[3]
+    dyf = dyT.ravel()
+    dxf = dxT.ravel()
     one = dxT.dtype.type(1)
     zero = dxT.dtype.type(0)
-    for t in prange(N * C):
-        n = t // C
-        c = t - n * C
-        for a in range(W):
-            for b in range(H):
-                dxT[n, c, a, b] = zero
+    WH = _U(W * H)
+    for t in range(n0 * C, n1 * C):
+        xp = t * W * H
+        yp = t * Wo * Ho
+        uxp = _U(xp)
+        for a in range(WH):
+            dxf[uxp + a] = zero
         for wo in range(Wo):
             u1, u2 = _window(wo, sx, pl, pw, W)
             for ho in range(Ho):
                 v1, v2 = _window(ho, sy, pt, ph, H)
                 scale = one / dxT.dtype.type((u2 - u1) * (v2 - v1))
-                d = dyT[n, c, wo, ho] * scale
+                d = dyf[_U(yp + wo * Ho + ho)] * scale
                 for u in range(u1, u2):
-                    for v in range(v1, v2):
-                        dxT[n, c, u, v] += d
+                    base = _U(xp + u * H)
+                    for v in range(_U(v1), _U(v2)):
+                        dxf[base + v] += d

@@ -1,0 +1,129 @@
+"""CPU parallelism for the layer kernels: split a batch of images over worker threads,
+each running numba kernels (compiled ``nogil``) and *single-threaded* BLAS calls.
+
+Why not numba ``prange`` + OpenBLAS's own threads: a convolution alternates a copy
+kernel (im2col) with a GEMM per chunk of images. With two thread pools (numba's and
+OpenBLAS's) every alternation is a hand-off between pools, and every multi-threaded GEMM
+synchronises its threads several times. On a small machine (2 cores) that costs a lot
+as soon as anything else runs: a descheduled thread stalls the barrier for a scheduler
+tick (4 ms), which turned 10 ms convolutions into 300 ms ones in our measurements. Here
+each worker streams through its own images with no barrier until the end of the call.
+
+``parallel_for(fn, n)`` runs ``fn(start, stop, part)`` on a split of ``range(n)``; the
+calling thread takes part 0. During the call numpy's OpenBLAS runs one thread per call
+(set through its ``openblas_set_num_threads`` and restored afterwards), so the workers do
+not oversubscribe the cores. Where that control is not available (another BLAS), or for
+one part, or when a parallel region is already running in another thread, the whole
+range runs in the calling thread with BLAS's own threading.
+
+Number of workers: ``$PYDAGNN_NUM_THREADS``, else the CPUs this process may run on.
+"""
+import ctypes
+import glob
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# numba's OpenMP workers (used by other layers' parallel kernels) must sleep rather than
+# spin between parallel regions, or they fight the BLAS threads for the cores; libgomp
+# reads this when numba starts its pool. An explicit user setting wins.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+_state = {'pool': None, 'blas': None}
+_region = threading.Lock()
+
+
+def num_workers():
+    """Worker threads for a parallel region."""
+    env = os.environ.get('PYDAGNN_NUM_THREADS')
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (not Linux)
+        return max(1, os.cpu_count() or 1)
+
+
+def _find_blas():
+    """(get, set) of numpy's OpenBLAS thread count, or False when not found."""
+    libdir = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), 'numpy.libs')
+    names = [('scipy_openblas_get_num_threads64_', 'scipy_openblas_set_num_threads64_'),
+             ('scipy_openblas_get_num_threads', 'scipy_openblas_set_num_threads'),
+             ('openblas_get_num_threads64_', 'openblas_set_num_threads64_'),
+             ('openblas_get_num_threads', 'openblas_set_num_threads')]
+    for path in sorted(glob.glob(os.path.join(libdir, '*openblas*'))):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for g, s in names:
+            if hasattr(lib, g) and hasattr(lib, s):
+                get, set_ = getattr(lib, g), getattr(lib, s)
+                get.restype, get.argtypes = ctypes.c_int, []
+                set_.restype, set_.argtypes = None, [ctypes.c_int]
+                return get, set_
+    return False
+
+
+def blas_control():
+    if _state['blas'] is None:
+        try:
+            _state['blas'] = _find_blas()
+        except Exception:  # pragma: no cover - any failure means "no control"
+            _state['blas'] = False
+    return _state['blas']
+
+
+def _pool(n):
+    """The worker threads (created on first use; again after a fork, whose child has none)."""
+    p, size, pid = _state['pool'] or (None, 0, None)
+    if p is None or size < n or pid != os.getpid():
+        if p is not None and pid == os.getpid():
+            p.shutdown(wait=True)
+        p = ThreadPoolExecutor(max_workers=n, thread_name_prefix='pydagnn-cpu')
+        _state['pool'] = (p, n, os.getpid())
+    return p
+
+
+def split(n, parts):
+    """Contiguous, balanced bounds [(start, stop), ...] of range(n) in ``parts`` parts."""
+    q, r = divmod(n, parts)
+    out, a = [], 0
+    for i in range(parts):
+        b = a + q + (1 if i < r else 0)
+        out.append((a, b))
+        a = b
+    return out
+
+
+def parallel_for(fn, n, uses_blas=True, workers=None):
+    """Run ``fn(start, stop, part)`` over a split of ``range(n)``; returns the results in
+    part order. ``uses_blas``: fn calls BLAS (then it needs the thread-count control).
+    See the module docstring for the threading rules."""
+    t = min(num_workers() if workers is None else workers, n)
+    blas = blas_control() if uses_blas else None
+    if t <= 1 or blas is False or not _region.acquire(blocking=False):
+        return [fn(0, n, 0)]
+    try:
+        if blas:
+            get, set_ = blas
+            prev = get()
+            set_(1)
+        try:
+            bounds = split(n, t)
+            futs = [_pool(t - 1).submit(fn, a, b, i) for i, (a, b) in enumerate(bounds[1:], 1)]
+            try:
+                first = fn(bounds[0][0], bounds[0][1], 0)
+            finally:
+                done = [f.exception() for f in futs]   # wait for all: they share buffers
+            for e in done:
+                if e is not None:
+                    raise e
+            return [first] + [f.result() for f in futs]
+        finally:
+            if blas:
+                set_(prev)
+    finally:
+        _region.release()
