@@ -9,7 +9,11 @@ JSON lines:
 
   {"kind": "train", "model", "device", "batch", "threads", "iters", "warmup",
    "images_per_s" (batch / median seconds of the timed iterations), "step_s_median",
-   "step_s_all", "forward_test_images_per_s", "peak_rss_mb", "params"}
+   "step_s_all", "cpu_s_median" (process CPU seconds per step, all threads),
+   "images_per_cpu_s" (batch / cpu_s_median: throughput per core-second, which other
+   processes on a shared machine distort far less than wall-clock time),
+   "forward_test_images_per_s", "peak_rss_mb", "params", "blas_threads",
+   "load_avg"}
   {"kind": "split", "cm_share" (time in layers named CM_* and Fusion_out over the time
    in all layers), "gm_share" (CM_*, Fusion_out, gating*, H_x, gating, Balance_loss),
    "layer_total_s_per_iter", "wall_s_per_iter", "by_type_s_per_iter"}
@@ -20,9 +24,9 @@ layer.backward_time`` (the engine's per-layer clocks; zeroed before each iterati
 skipped CM counts 0), reported per iteration. For the test-mode pass the BN moments are
 set to mean 0 / sigma 1 (a fresh net's moments are 0, which makes test mode divide by 0).
 
-Devices: ``cpu`` only for now. A device is a small object (see ``DEVICES``) with
-``prepare(net)``, ``array(x)`` and ``sync()``; a ``gpu`` entry needs ``net.move('gpu')``,
-CuPy arrays and a stream synchronise before each clock read.
+Devices: ``cpu`` here; ``--device gpu`` is handed over to ``bench_train_gpu.py``
+(CuPy: CUDA-event timing, the SGD update inside the step, device memory, synchronised
+per-layer clocks; extra options ``--tf32``, ``--profile-iters``, ``--no-update``).
 """
 import argparse
 import json
@@ -34,6 +38,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 _THREAD_VARS = ('OMP_NUM_THREADS', 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS', 'NUMBA_NUM_THREADS')
+_BLAS_VARS = ('OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS')
 
 
 def _parse(argv):
@@ -45,6 +50,9 @@ def _parse(argv):
     ap.add_argument('--warmup', type=int, default=2, help='untimed iterations first (default 2)')
     ap.add_argument('--threads', type=int, default=None,
                     help='BLAS / numba threads (default: the libraries\' own default)')
+    ap.add_argument('--blas-threads', type=int, default=None,
+                    help='BLAS threads only (OPENBLAS_NUM_THREADS, MKL_NUM_THREADS), overriding '
+                         '--threads for BLAS: e.g. --threads 2 --blas-threads 1')
     ap.add_argument('--num-classes', type=int, default=1000)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--no-test-pass', action='store_true', help='skip the forward-only test-mode timing')
@@ -64,7 +72,33 @@ class CpuDevice:
         pass
 
 
-DEVICES = {'cpu': CpuDevice}
+class GpuDevice:
+    """The GPU (CuPy) device: the whole GPU run lives in bench_train_gpu.py (CUDA-event
+    timing, SGD update in the step, device memory, synchronised per-layer clocks);
+    ``main`` hands ``--device gpu`` over to it."""
+    name = 'gpu'
+
+    def prepare(self, net):
+        net.move('gpu')
+        return net
+
+    def array(self, x):
+        import cupy
+        return cupy.asarray(x)
+
+    def sync(self):
+        from pydagnn import backend
+        backend.synchronize()
+
+
+DEVICES = {'cpu': CpuDevice, 'gpu': GpuDevice}
+
+
+def _gpu_requested(argv):
+    for i, a in enumerate(argv):
+        if a == '--device=gpu' or (a == '--device' and i + 1 < len(argv) and argv[i + 1] == 'gpu'):
+            return True
+    return False
 
 
 def _peak_rss_mb():
@@ -81,6 +115,21 @@ def _threads_in_use():
         return None
 
 
+def _blas_threads():
+    try:
+        import threadpoolctl
+        return [p['num_threads'] for p in threadpoolctl.threadpool_info() if p.get('user_api') == 'blas'] or None
+    except Exception:
+        return os.environ.get('OPENBLAS_NUM_THREADS')
+
+
+def _load():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:  # pragma: no cover
+        return None
+
+
 def _zero_clocks(net):
     for l in net.layers:
         l.forward_time = 0.0
@@ -89,6 +138,7 @@ def _zero_clocks(net):
 
 def run(args):
     import numpy as np
+    from pydagnn.backend import get_array_module
     from pydagnn.models import build
 
     dev = DEVICES[args.device]()
@@ -103,30 +153,33 @@ def run(args):
     for _ in range(args.warmup):
         net.eval(feed, {'objective': 1})
     dev.sync()
-    steps = []
+    steps, cpu = [], []
     fwd = {l.name: 0.0 for l in net.layers}
     bwd = dict(fwd)
     for _ in range(args.iters):
         _zero_clocks(net)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         net.eval(feed, {'objective': 1})
         dev.sync()
         steps.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
         for l in net.layers:
             fwd[l.name] += l.forward_time
             bwd[l.name] += l.backward_time
     med = float(np.median(steps))
     rec = {'kind': 'train', 'model': args.model, 'device': dev.name, 'batch': args.batch,
-           'threads': _threads_in_use(), 'iters': args.iters, 'warmup': args.warmup,
+           'threads': _threads_in_use(), 'blas_threads': _blas_threads(), 'iters': args.iters, 'warmup': args.warmup,
            'images_per_s': round(args.batch / med, 2), 'step_s_median': round(med, 4),
-           'step_s_all': [round(s, 4) for s in steps], 'params': net.num_params()}
+           'step_s_all': [round(s, 4) for s in steps],
+           'cpu_s_median': round(float(np.median(cpu)), 4),
+           'images_per_cpu_s': round(args.batch / float(np.median(cpu)), 2),
+           'params': net.num_params()}
 
     if not args.no_test_pass:
         for l in net.layers:
             if l.type == 'dagnn.BatchNorm':
                 m = net.get_param(l.params[2])
-                xp = np if isinstance(m.value, np.ndarray) else __import__('cupy')
-                v = xp.zeros_like(m.value)
+                v = get_array_module(m.value).zeros_like(m.value)
                 v[:, 1] = 1
                 m.value = v
         net.mode = 'test'
@@ -141,6 +194,7 @@ def run(args):
         rec['forward_test_images_per_s'] = round(args.batch / float(np.median(ts)), 2)
         net.mode = 'normal'
     rec['peak_rss_mb'] = _peak_rss_mb()
+    rec['load_avg'] = _load()   # other processes on the machine skew every number
     print(json.dumps(rec), flush=True)
 
     n = args.iters
@@ -169,10 +223,17 @@ def run(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if _gpu_requested(argv):
+        import bench_train_gpu   # benchmarks/ is on sys.path (this script's folder)
+        return bench_train_gpu.main(argv)
     args = _parse(argv)
     if args.threads:
         for v in _THREAD_VARS:  # before numpy / numba are imported
             os.environ[v] = str(args.threads)
+    if args.blas_threads:
+        for v in _BLAS_VARS:
+            os.environ[v] = str(args.blas_threads)
     run(args)
     return 0
 

@@ -22,6 +22,9 @@ The statistics are computed in the input dtype (float32 in practice) with a
 two-pass variance (mean first, then the mean of the squared deviations); the
 original uses one pass (``E[x^2] - mu^2``). Both agree to float32 rounding unless
 ``|mu| >> sigma``, where the two-pass form is the accurate one.
+
+On the GPU (CuPy inputs) the functions dispatch to :mod:`pydagnn.layers.kernels.bnorm_gpu`
+(the same formulas as per-plane fused reductions and one elementwise pass each).
 """
 import numpy as np
 
@@ -30,6 +33,12 @@ from pydagnn.layer import Layer, register
 
 __all__ = ['bnorm_moments', 'bnorm_forward', 'bnorm_backward', 'bnorm_backward_fixed_moments',
            'BatchNorm']
+
+
+def _gpu():
+    """The CuPy implementation (fused reductions; imported on first GPU use)."""
+    from pydagnn.layers.kernels import bnorm_gpu
+    return bnorm_gpu
 
 
 def _check(x, g, b, moments, op):
@@ -70,6 +79,8 @@ def bnorm_moments(x, epsilon=1e-5):
     """Batch moments of ``x`` (H x W x C x N): ``(C, 2)`` array ``[mean, sqrt(var + epsilon)]``
     with the biased variance over H, W and N, in x's dtype."""
     x = _check(x, None, None, None, 'bnorm_moments')
+    if get_array_module(x) is not np:
+        return _gpu().bnorm_moments(x, epsilon)
     mu, sigma, _ = _batch_stats(x, epsilon)
     xp = get_array_module(x)
     return xp.stack([mu, sigma], axis=1)
@@ -98,6 +109,8 @@ def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
     """
     xp = get_array_module(x)
     x = _check(x, g, b, moments, 'bnorm_forward')
+    if xp is not np:
+        return _gpu().bnorm_forward(x, g, b, moments, epsilon, test_mode)
     C = x.shape[2]
     dt = x.dtype
     g = g.reshape(C).astype(dt, copy=False)
@@ -130,6 +143,8 @@ def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
     x = _check(x, g, b, moments, 'bnorm_backward')
     if dy.size != x.size:
         raise ValueError(f'bnorm_backward: dy has shape {dy.shape}, x has shape {x.shape}')
+    if xp is not np:
+        return _gpu().bnorm_backward(x, g, b, dy, moments, epsilon)
     C = x.shape[2]
     dt = x.dtype
     if dy.shape != x.shape:
@@ -168,6 +183,8 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     if dy.size != x.size:
         raise ValueError(f'bnorm_backward_fixed_moments: dy has shape {dy.shape}, '
                          f'x has shape {x.shape}')
+    if get_array_module(x) is not np:
+        return _gpu().bnorm_backward_fixed_moments(x, g, b, dy, moments)
     if dy.shape != x.shape:
         dy = dy.reshape(x.shape, order='F')
     dy = dy.astype(dt, copy=False)
@@ -192,6 +209,9 @@ class BatchNorm(Layer):
     and no moments derivative.
     """
     properties = {'numChannels': None, 'epsilon': 1e-5, 'opts': ['NoCuDNN']}
+    #: backward reads x, not y: the engine may free y after its last forward consumer
+    #: when that one does not need it either (BN -> ReLU)
+    backward_needs_outputs = False
 
     def _eps(self):
         return float(np.asarray(self.epsilon).reshape(-1)[0])

@@ -25,6 +25,7 @@ import math
 
 import numpy as np
 
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels.threads_cpu import parallel_for
@@ -185,6 +186,9 @@ def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
     x: (H, W, C, N); w: (FH, FW, Cin, Cout) with C a multiple of Cin (groups); b: Cout
     values or None/empty. Returns y (Ho, Wo, Cout, N), Fortran-contiguous, x's dtype.
     """
+    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/im2col_gpu.py)
+        from pydagnn.layers.kernels import im2col_gpu
+        return im2col_gpu.conv_forward(x, w, b, pad, stride, dilate)
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_forward')
     y = np.empty(g.out_shape, dtype=g.dtype, order='F')
     if g.N == 0:
@@ -246,6 +250,9 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
     Returns ``(dx, dw, db)``: dx like x (x's dtype), dw like w, db of shape (Cout,)
     (None when b is None or empty). All Fortran-contiguous.
     """
+    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/im2col_gpu.py)
+        from pydagnn.layers.kernels import im2col_gpu
+        return im2col_gpu.conv_backward(x, w, b, dy, pad, stride, dilate)
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_backward')
     dy = _as4d(dy, 'dy', 'conv_backward')
     if dy.shape != g.out_shape:

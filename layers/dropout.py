@@ -48,6 +48,9 @@ def dropout_forward(x, rate=0.5, mask=None, rng=None):
 
 
 def _apply(x, mask, xp):
+    if xp.__name__ == 'cupy':   # coalesced in x's memory order
+        from pydagnn.layers.kernels import eltwise_gpu
+        return xp.asfortranarray(eltwise_gpu.mul_forward(x, mask))
     return xp.asfortranarray((x * mask).astype(x.dtype, copy=False))
 
 
@@ -57,7 +60,7 @@ def dropout_backward(dy, mask):
     if mask.size != dy.size:
         raise ValueError(f'dropout_backward: mask has shape {mask.shape}, dy has shape {dy.shape}')
     m = mask.reshape(dy.shape, order='F') if mask.shape != dy.shape else mask
-    return xp.asfortranarray((dy * m).astype(dy.dtype, copy=False))
+    return _apply(dy, m, xp)
 
 
 @register('dagnn.DropOut')
@@ -75,6 +78,9 @@ class DropOut(Layer):
     ``frozen``, as DropOut.m's reset does.
     """
     properties = {'rate': 0.5, 'frozen': False}
+    #: backward uses the kept mask: the engine may free the input after forward
+    backward_needs_inputs = False
+    backward_needs_outputs = False
 
     def __init__(self, **props):
         self.mask = None

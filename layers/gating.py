@@ -33,8 +33,11 @@ A selected entry whose H is exactly 0 gets softmax weight 0 (the original maps i
 undefined softmax (NaN; the original asserts).
 Backward: ``dH = s .* (dS - sum(dS .* s))`` per image (0 where s is 0).
 
-On the GPU the all-tie test costs one scalar device-to-host read per forward
-(``bool(mask.all())``); everything else stays on the device.
+On the GPU a forward makes one device-to-host read: the per-CM counts of the final
+mask together with the all-tie flag (one small array). The counts travel with the
+output value (:class:`GateValue`, a tuple with a ``counts`` attribute), and the engine
+routes the CMs with them, so a training step needs no other read. Everything else stays
+on the device.
 """
 import numpy as np
 
@@ -42,7 +45,22 @@ from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
 
 __all__ = ['softplus', 'hx_forward', 'hx_backward', 'topk_mask', 'gating_forward',
-           'gating_backward', 'H_x', 'gating']
+           'gating_backward', 'GateValue', 'H_x', 'gating']
+
+
+class GateValue(tuple):
+    """The ``gating`` var's value: the plain tuple ``(sfm, mask, masked_H, None, None,
+    cm_sums)`` plus ``counts``, the number of images each CM receives (a host NumPy
+    int64 array of K entries, or None), which the engine uses to route without reading
+    the mask back from the device."""
+
+    def __new__(cls, items, counts=None):
+        self = super().__new__(cls, items)
+        self.counts = counts
+        return self
+
+    def __reduce__(self):            # pickles (and deep-copies) as a GateValue
+        return (GateValue, (tuple(self), self.counts))
 
 
 def _first(v):
@@ -116,6 +134,13 @@ def topk_mask(H, topk, rng=None):
     """The original's top-k selection mask (``K x N`` bool) with its tie rules (module
     docstring). ``rng``: a ``numpy.random.Generator`` for the all-tie case (``None``:
     ``numpy.random.default_rng()``)."""
+    return topk_mask_counts(H, topk, rng)[0]
+
+
+def topk_mask_counts(H, topk, rng=None):
+    """``(mask, counts)``: :func:`topk_mask` and the number of selected images per row
+    (a host NumPy int64 array). On the GPU this is the forward's single device-to-host
+    read (the counts and the all-tie flag in one transfer)."""
     xp = get_array_module(H)
     K, N = H.shape
     k = int(topk)
@@ -124,26 +149,39 @@ def topk_mask(H, topk, rng=None):
     q = -xp.partition(-H, k - 1, axis=0)[k - 1]           # k-th largest per column
     mask = H >= q[None, :]
     if N == 0:
-        return mask
-    if k < K and bool(mask.all()):
-        rng = rng if rng is not None else np.random.default_rng()
-        t = xp.asarray(rng.standard_normal((K, N)))
-        qt = -xp.partition(-t, k - 1, axis=0)[k - 1]
-        return t >= qt[None, :]
+        return mask, np.zeros(K, np.int64)
     # keep the first tied entries in index order (a no-op where exactly k are selected)
     strict = H > q[None, :]
     tied = mask & ~strict
     room = k - strict.sum(axis=0)
     keep_tied = tied & (xp.cumsum(tied, axis=0) <= room[None, :])
-    return strict | keep_tied
+    keep = strict | keep_tied
+    if xp is np:
+        all_tied = bool(mask.all())
+        counts = None if all_tied else keep.sum(axis=1).astype(np.int64)
+    else:
+        info = xp.concatenate([keep.sum(axis=1).astype(np.int64),
+                               mask.all().reshape(1).astype(np.int64)]).get()
+        all_tied, counts = bool(info[-1]), info[:-1]
+    if k < K and all_tied:
+        # every score ties: a random pick per image, drawn and ranked on the host
+        rng = rng if rng is not None else np.random.default_rng()
+        t = rng.standard_normal((K, N))
+        qt = -np.partition(-t, k - 1, axis=0)[k - 1]
+        m = t >= qt[None, :]
+        return (m if xp is np else xp.asarray(m)), m.sum(axis=1).astype(np.int64)
+    if counts is None:
+        counts = keep.sum(axis=1).astype(np.int64)
+    return keep, counts
 
 
-def gating_forward(H, topk, rng=None):
-    """``(sfm, mask, masked_H, cm_sums)`` for scores H (``K x N``); see the module docstring."""
+def gating_forward(H, topk, rng=None, return_counts=False):
+    """``(sfm, mask, masked_H, cm_sums)`` for scores H (``K x N``); see the module docstring.
+    With ``return_counts`` a fifth element: the per-CM image counts (host int64)."""
     xp = get_array_module(H)
     if H.ndim != 2:
         H = H.reshape(-1, H.shape[-1], order='F') if H.ndim == 4 else xp.squeeze(H)
-    mask = topk_mask(H, topk, rng)
+    mask, counts = topk_mask_counts(H, topk, rng)
     masked = xp.where(mask, H, 0).astype(H.dtype, copy=False)
     t = xp.where(masked == 0, -xp.inf, masked)
     with np.errstate(invalid='ignore'):
@@ -152,6 +190,8 @@ def gating_forward(H, topk, rng=None):
         sfm = e / e.sum(axis=0, keepdims=True)
     sfm = xp.asfortranarray(sfm.astype(H.dtype, copy=False))
     sums = sfm.sum(axis=1).reshape(1, -1)
+    if return_counts:
+        return sfm, xp.asfortranarray(mask), xp.asfortranarray(masked), sums, counts
     return sfm, xp.asfortranarray(mask), xp.asfortranarray(masked), sums
 
 
@@ -229,8 +269,8 @@ class gating(Layer):
     def forward(self, inputs, params):
         H = _first(inputs[0])
         topk = int(np.asarray(self.topk).ravel()[0])
-        sfm, mask, masked, sums = gating_forward(H, topk, self.rng)
-        return [(sfm, mask, masked, None, None, sums)]
+        sfm, mask, masked, sums, counts = gating_forward(H, topk, self.rng, return_counts=True)
+        return [GateValue((sfm, mask, masked, None, None, sums), counts)]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
         dS = der_outputs[0]

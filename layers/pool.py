@@ -20,6 +20,7 @@ models) takes a fast path: a plain mean per channel.
 """
 import numpy as np
 
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
 from pydagnn.layers.conv import parse_pad, parse_pair, _as4d, _fortran
 from pydagnn.layers.kernels import pool_cpu as _k
@@ -83,6 +84,9 @@ def pool_output_size(H, W, pool_size, pad=0, stride=1):
 def pool_forward(x, pool_size, method='max', pad=0, stride=1):
     """MatConvNet ``vl_nnpool(x, pool_size, 'method', method, 'pad', pad, 'stride', stride)``.
     Returns y (Ho, Wo, C, N), Fortran-contiguous, x's dtype."""
+    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/pool_gpu.py)
+        from pydagnn.layers.kernels import pool_gpu
+        return pool_gpu.pool_forward(x, pool_size, method, pad, stride)
     g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_forward')
     y = np.empty(g.out_shape, dtype=g.dtype, order='F')
     if y.size == 0:
@@ -101,6 +105,9 @@ def pool_forward(x, pool_size, method='max', pad=0, stride=1):
 def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
     """Derivative of ``pool_forward`` projected on ``dy`` (Ho, Wo, C, N); returns dx like x
     (Fortran-contiguous, x's dtype)."""
+    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/pool_gpu.py)
+        from pydagnn.layers.kernels import pool_gpu
+        return pool_gpu.pool_backward(x, dy, pool_size, method, pad, stride)
     g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_backward')
     dy = _as4d(dy, 'dy', 'pool_backward')
     if dy.shape != g.out_shape:

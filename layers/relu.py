@@ -24,6 +24,9 @@ def relu_forward(x, leak=0):
     """``vl_nnrelu(x, [], 'leak', leak)``; result Fortran-contiguous, x's dtype."""
     xp = get_array_module(x)
     leak = float(leak)
+    if xp.__name__ == 'cupy':   # one coalesced kernel in x's memory order
+        from pydagnn.layers.kernels import eltwise_gpu
+        return eltwise_gpu.relu_forward(x, leak)
     if leak == 0:
         y = xp.maximum(x, x.dtype.type(0))
     else:
@@ -41,6 +44,9 @@ def relu_backward(x, dy, leak=0):
             raise ValueError(f'relu_backward: dy has shape {dy.shape}, x has shape {x.shape}')
         dy = dy.reshape(x.shape, order='F')
     leak = float(leak)
+    if xp.__name__ == 'cupy':
+        from pydagnn.layers.kernels import eltwise_gpu
+        return eltwise_gpu.relu_backward(x, dy, leak)
     if leak == 0:
         dx = dy * (x > 0)
     else:
@@ -57,6 +63,13 @@ class ReLU(Layer):
     freed): backward uses ``inputs[0]`` when the engine passes it, else ``outputs[0]``
     (equivalent for leak >= 0)."""
     properties = {'useShortCircuit': True, 'leak': 0, 'opts': []}
+
+    @property
+    def backward_needs_inputs(self):
+        """False (the engine may free the input after forward, MatConvNet's short
+        circuit) when ``useShortCircuit`` and leak >= 0: the output's sign pattern is
+        the input's then."""
+        return not (bool(self.useShortCircuit) and self._leak() >= 0)
 
     def _leak(self):
         o = opts_to_dict(self.opts, 'ReLU.opts')

@@ -16,6 +16,9 @@ def sum_forward(inputs):
                              f'input 0 has shape {shape} '
                              f'(all shapes: {[tuple(t.shape) for t in inputs]})')
     xp = get_array_module(*inputs)
+    if xp.__name__ == 'cupy':   # one coalesced pass in the inputs' memory order
+        from pydagnn.layers.kernels import eltwise_gpu
+        return xp.asfortranarray(eltwise_gpu.sum_forward(inputs))
     y = inputs[0] + inputs[1] if len(inputs) > 1 else inputs[0].copy(order='F')
     for a in inputs[2:]:
         y += a
@@ -33,6 +36,9 @@ class Sum(Layer):
     """``dagnn.Sum``: inputs [x1, ..., xk], outputs [y]. No stored properties:
     MatConvNet's ``numInputs`` is transient (set by forward, never saved); it is kept
     here as a plain attribute and accepted (ignored) by ``load`` for old files."""
+    #: backward only passes dy on: the engine may free the inputs after forward
+    backward_needs_inputs = False
+    backward_needs_outputs = False
     properties = {}
 
     def __init__(self, **props):

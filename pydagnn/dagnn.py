@@ -522,6 +522,22 @@ class DagNN:
     def _forward(self):
         pending = [v.fanout for v in self.vars]
         free = self.conserve_memory and not self.computing_derivative
+        # with derivatives, conserve_memory still frees a var after its last forward
+        # consumer when no backward reads it: no consumer's (the block says so with
+        # ``backward_needs_inputs = False``) and not its producer's (the block says so
+        # with ``backward_needs_outputs = False``). MatConvNet's ReLU short circuit,
+        # generalised: conv -> BN -> ReLU keeps the conv output and the ReLU output only.
+        keep = [False] * len(self.vars)
+        if self.conserve_memory and self.computing_derivative:
+            for l in self.layers:
+                if getattr(l.block, 'backward_needs_inputs', True):
+                    for i in l.input_indexes:
+                        keep[i] = True
+                if getattr(l.block, 'backward_needs_outputs', True):
+                    for i in l.output_indexes:
+                        keep[i] = True
+        else:
+            keep = [not free] * len(self.vars)
         skipped = set()
         self._routes = {}
         self._route_cache = {}
@@ -548,7 +564,7 @@ class DagNN:
                 self.vars[o].value = self._select_all(o, val) if self._sizing else val
             for i in layer.input_indexes:
                 pending[i] -= 1
-                if pending[i] == 0 and free and not self.vars[i].precious:
+                if pending[i] == 0 and not keep[i] and not self.vars[i].precious:
                     self.vars[i].value = None
         return skipped
 
