@@ -489,22 +489,6 @@ def _h5_class(oid):
     return v.decode('ascii', 'replace') if isinstance(v, bytes) else str(v)
 
 
-def _h5_field_names(oid, fid):
-    import h5py
-    if not h5py.h5a.exists(oid, b'MATLAB_fields'):
-        return None
-    raw = _hl(oid).attrs["MATLAB_fields"]
-    names = []
-    for entry in np.asarray(raw, dtype=object).reshape(-1):
-        if isinstance(entry, np.ndarray):
-            names.append(b''.join(bytes(c) for c in entry.reshape(-1)).decode('ascii', 'replace'))
-        elif isinstance(entry, bytes):
-            names.append(entry.decode('ascii', 'replace'))
-        else:
-            names.append(str(entry))
-    return names
-
-
 def _hl(oid):
     import h5py
     return h5py.Group(oid) if isinstance(oid, h5py.h5g.GroupID) else h5py.Dataset(oid)
@@ -566,9 +550,10 @@ def _from_h5(oid, fid, path, where, depth):
             return MatObject('sparse')
         if cls not in (None, 'struct'):
             return MatObject(cls)
-        fields = _h5_field_names(oid, fid)
-        if fields is None:
-            fields = [n.decode('utf-8', 'replace') for n in oid.__iter__() if not n.startswith(b'#')]
+        # HDF5's (alphabetical) order, not MATLAB_fields': that variable-length attribute
+        # lives in the global heap, and a corrupted heap makes HDF5 spin forever on it
+        # (found by fuzzing). A Python dict loses nothing by the order.
+        fields = [n.decode('utf-8', 'replace') for n in oid.__iter__() if not n.startswith(b'#')]
         if not fields:
             return MatStruct([], [{}], (1, 1))
         first = _h5_child(oid, fields[0], path, where)
@@ -605,7 +590,7 @@ def _from_h5(oid, fid, path, where, depth):
         if cls == 'cell':
             return MatCell([], shape)
         if cls == 'struct':
-            return MatStruct(_h5_field_names(oid, fid) or [], [], shape)
+            return MatStruct([], [], shape)
         if cls == 'char':
             return ''
         return np.zeros(shape, dtype=_H5_CLASSES.get(cls, np.float64), order='F')
