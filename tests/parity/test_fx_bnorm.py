@@ -1,9 +1,13 @@
-"""Parity with vl_nnbnorm / dagnn.BatchNorm (fixtures/fx_bnorm.mat; float32, 1e-5 tier)."""
+"""Parity with vl_nnbnorm / dagnn.BatchNorm (fixtures/fx_bnorm.mat; float32, 1e-5 tier).
+The fixture's cases (training forward, backward without and with 'moments', test mode with
+the given moments) run in ``pydagnn.parity_layers.bnorm_cases``: ``rel_err <= 1e-5``,
+results float32, dzdg and dzdmoments shaped as stored."""
 import numpy as np
 import pytest
 
+from pydagnn import parity_layers as pl
 from pydagnn.layer import BlockContext
-from pydagnn.layers.bnorm import BatchNorm, bnorm_backward, bnorm_forward
+from pydagnn.layers.bnorm import BatchNorm, bnorm_forward
 from pydagnn.testing import load_fixture, rel_err
 
 TOL = 1e-5
@@ -12,6 +16,11 @@ TOL = 1e-5
 @pytest.fixture(scope='module')
 def fx():
     return load_fixture('fx_bnorm.mat')
+
+
+@pytest.fixture(scope='module')
+def cases(fx):
+    return pl.bnorm_cases(fx, np.float32)
 
 
 def _eps(fx):
@@ -23,27 +32,10 @@ def test_inputs_are_float32(fx):
         assert fx[k].dtype == np.float32
 
 
-def test_train_forward(fx):
-    y, m = bnorm_forward(fx['x'], fx['g'], fx['b'], epsilon=_eps(fx))
-    assert y.dtype == np.float32 and m.dtype == np.float32
-    assert rel_err(y, fx['train_y']) <= TOL
-    assert rel_err(m, fx['train_moments']) <= TOL
-
-
-def test_train_backward_without_moments(fx):
-    dx, dg, db, dm = bnorm_backward(fx['x'], fx['g'], fx['b'], fx['dzdy'], epsilon=_eps(fx))
-    assert dg.shape == fx['train_dzdg'].shape and dm.shape == fx['train_dzdmoments'].shape
-    for a, k in ((dx, 'dzdx'), (dg, 'dzdg'), (db, 'dzdb'), (dm, 'dzdmoments')):
-        assert a.dtype == np.float32
-        assert rel_err(a, fx['train_' + k]) <= TOL, k
-
-
-def test_dag_backward_with_batch_moments(fx):
-    # the call dagnn.BatchNorm makes: 'moments' = the batch moments of its forward
-    dx, dg, db, dm = bnorm_backward(fx['x'], fx['g'], fx['b'], fx['dzdy'],
-                                    moments=fx['train_moments'], epsilon=_eps(fx))
-    for a, k in ((dx, 'dzdx'), (dg, 'dzdg'), (db, 'dzdb'), (dm, 'dzdmoments')):
-        assert rel_err(a, fx['dag_' + k]) <= TOL, k
+@pytest.mark.parametrize('case', pl.BNORM_CASES)
+def test_fx_bnorm(cases, case):
+    bad = pl.over_tolerance(cases[case])
+    assert not bad, pl.format_rows(bad)
 
 
 def test_dag_block(fx):
@@ -60,17 +52,13 @@ def test_dag_block(fx):
     assert rel_err(dm, N * fx['dag_dzdmoments']) <= TOL      # the block's x N scaling
 
 
-def test_test_mode(fx):
+def test_test_mode_block(fx):
+    """dagnn.BatchNorm in test mode normalizes with the stored moments (the function-level
+    test mode is the 'test' case above)."""
     x, g, b, m = fx['x'], fx['g'], fx['b'], fx['test_moments']
-    y, _ = bnorm_forward(x, g, b, moments=m, epsilon=_eps(fx), test_mode=True)
-    assert rel_err(y, fx['test_y']) <= TOL
     blk = BatchNorm(numChannels=4, epsilon=_eps(fx))
     blk.net = BlockContext(mode='test')
     assert rel_err(blk.forward([x], [g, b, m])[0], fx['test_y']) <= TOL
-    # vl_nnbnorm backward with the given moments (the original's formula)
-    dx, dg, db, dm = bnorm_backward(x, g, b, fx['dzdy'], moments=m, epsilon=_eps(fx))
-    for a, k in ((dx, 'dzdx'), (dg, 'dzdg'), (db, 'dzdb'), (dm, 'dzdmoments')):
-        assert rel_err(a, fx['test_' + k]) <= TOL, k
 
 
 def test_fusion_bn_of_the_gmsop_network():

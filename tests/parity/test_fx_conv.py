@@ -1,46 +1,35 @@
 """Parity with the original ``vl_nnconv`` (fixtures/fx_conv.mat, float32): forward output,
-dzdx, dzdf and dzdb of all six cases, with the stored pad and stride passed as stored
-(a scalar, [top bottom left right] or [sy sx])."""
+dzdx, dzdf and dzdb of all six cases, by the functions and the ``dagnn.Conv`` block, with
+the stored pad and stride passed as stored (a scalar, [top bottom left right] or [sy sx]).
+The cases run in ``pydagnn.parity_layers.conv_cases``: ``rel_err <= 1e-5``, results float32,
+no dzdb without a bias."""
 import numpy as np
 import pytest
 
-from pydagnn.layers.conv import Conv, conv_backward, conv_forward
-from pydagnn.testing import load_fixture, rel_err
-
-CASES = ['c3x3_p1_s1_bias', 'c3x3_p1_s2_nobias', 'c1x1_p0_s2_nobias', 'c1x1_p0_s1_bias',
-         'c3x3_pasym_sasym', 'c_fc_8x8']
-TOL = 1e-5
+from pydagnn import parity_layers as pl
+from pydagnn.testing import load_fixture
 
 
-def test_fixture_lists_the_cases():
-    d = load_fixture('fx_conv.mat')
-    assert [str(np.ravel(c)[0]) for c in d['case_names'].ravel()] == CASES
+@pytest.fixture(scope='module')
+def fx():
+    return load_fixture('fx_conv.mat')
 
 
-@pytest.mark.parametrize('case', CASES)
-def test_fx_conv(case, record_property):
-    d = load_fixture('fx_conv.mat')
-    g = lambda k: d[f'{case}_{k}']  # noqa: E731
-    x, f, b, pad, stride = g('x'), g('f'), g('b'), g('pad'), g('stride')
-    assert x.dtype == np.float32
-    b = None if b.size == 0 else b
-    y = conv_forward(x, f, b, pad=pad, stride=stride)
-    dx, df, db = conv_backward(x, f, b, g('dzdy'), pad=pad, stride=stride)
-    assert y.dtype == dx.dtype == df.dtype == np.float32
-    errs = {'y': rel_err(y, g('y')), 'dzdx': rel_err(dx, g('dzdx')), 'dzdf': rel_err(df, g('dzdf'))}
-    if b is None:
-        assert db is None and g('dzdb').size == 0
-    else:
-        errs['dzdb'] = rel_err(db, g('dzdb'))
-    # the same through the dagnn.Conv block, as a loaded net would call it
-    blk = Conv(size=list(f.shape) + [1] * (4 - f.ndim), hasBias=b is not None,
-               pad=pad, stride=stride)
-    params = [f, b] if b is not None else [f]
-    yb = blk.forward([x], params)[0]
-    dxs, dps = blk.backward([x], params, [g('dzdy')], [yb])
-    errs['block_y'] = rel_err(yb, g('y'))
-    errs['block_dzdf'] = rel_err(dps[0], g('dzdf'))
-    print(f'fx_conv {case}: ' + ', '.join(f'{k} {v:.2e}' for k, v in errs.items()))
-    record_property('rel_err', errs)
-    for k, v in errs.items():
-        assert v <= TOL, f'{case} {k}: rel_err {v:.3g} > {TOL}'
+@pytest.fixture(scope='module')
+def cases(fx):
+    return pl.conv_cases(fx, np.float32)
+
+
+def test_fixture_lists_the_cases(fx):
+    assert pl.conv_case_names(fx) == pl.CONV_CASES
+    for case in pl.CONV_CASES:
+        assert fx[f'{case}_x'].dtype == np.float32
+
+
+@pytest.mark.parametrize('case', pl.CONV_CASES)
+def test_fx_conv(cases, case, record_property):
+    rows = cases[case]
+    print(f'fx_conv {case}: ' + ', '.join(f'{n} {e:.2e}' for n, _, e, t in rows if t))
+    record_property('rel_err', {n: e for n, _, e, _ in rows})
+    bad = pl.over_tolerance(rows)
+    assert not bad, pl.format_rows(bad)
