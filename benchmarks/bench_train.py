@@ -136,9 +136,46 @@ def _zero_clocks(net):
         l.backward_time = 0.0
 
 
+def unit_bn_moments(net):
+    """Set every BN layer's moments to mean 0 / sigma 1, on the moments' device (a fresh
+    net's moments are 0, which makes test mode divide by 0)."""
+    from pydagnn.backend import get_array_module
+    for l in net.layers:
+        if l.type == 'dagnn.BatchNorm':
+            m = net.get_param(l.params[2])
+            v = get_array_module(m.value).zeros_like(m.value)
+            v[:, 1] = 1
+            m.value = v
+
+
+def layer_records(net, fwd, bwd, n, tags, timing):
+    """The 'split' and 'top_layers' JSON records of per-layer clocks summed over ``n``
+    iterations (``fwd`` / ``bwd``: layer name -> seconds). ``tags`` go after 'kind' in
+    both; ``timing`` (wall-clock figures) after the layer total in 'split'."""
+    total = sum(fwd.values()) + sum(bwd.values())
+    is_cm = lambda name: name.startswith('CM_') or name == 'Fusion_out'  # noqa: E731
+    is_gm = lambda name: is_cm(name) or name.startswith('gating') or name in ('H_x', 'Balance_loss')  # noqa: E731
+    cm = sum(fwd[k] + bwd[k] for k in fwd if is_cm(k))
+    gm = sum(fwd[k] + bwd[k] for k in fwd if is_gm(k))
+    split = {'kind': 'split', **tags, 'cm_share': round(cm / total, 4) if total else None,
+             'gm_share': round(gm / total, 4) if total else None,
+             'layer_total_s_per_iter': round(total / n, 4), **timing}
+    # time by layer type, and the trunk / GM split
+    by_type = {}
+    for l in net.layers:
+        by_type[l.type] = by_type.get(l.type, 0.0) + fwd[l.name] + bwd[l.name]
+    split['by_type_s_per_iter'] = {k.replace('dagnn.', ''): round(v / n, 4)
+                                   for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
+    types = {l.name: l.type.replace('dagnn.', '') for l in net.layers}
+    top = sorted(fwd, key=lambda k: -(fwd[k] + bwd[k]))[:10]
+    top_layers = {'kind': 'top_layers', **tags,
+                  'layers': [[k, types[k], round(1e3 * fwd[k] / n, 2), round(1e3 * bwd[k] / n, 2),
+                              round((fwd[k] + bwd[k]) / total, 4) if total else None] for k in top]}
+    return split, top_layers
+
+
 def run(args):
     import numpy as np
-    from pydagnn.backend import get_array_module
     from pydagnn.models import build
 
     dev = DEVICES[args.device]()
@@ -176,12 +213,7 @@ def run(args):
            'params': net.num_params()}
 
     if not args.no_test_pass:
-        for l in net.layers:
-            if l.type == 'dagnn.BatchNorm':
-                m = net.get_param(l.params[2])
-                v = get_array_module(m.value).zeros_like(m.value)
-                v[:, 1] = 1
-                m.value = v
+        unit_bn_moments(net)
         net.mode = 'test'
         net.eval(feed)
         dev.sync()
@@ -197,28 +229,9 @@ def run(args):
     rec['load_avg'] = _load()   # other processes on the machine skew every number
     print(json.dumps(rec), flush=True)
 
-    n = args.iters
-    total = sum(fwd.values()) + sum(bwd.values())
-    is_cm = lambda name: name.startswith('CM_') or name == 'Fusion_out'  # noqa: E731
-    is_gm = lambda name: is_cm(name) or name.startswith('gating') or name in ('H_x', 'Balance_loss')  # noqa: E731
-    cm = sum(fwd[k] + bwd[k] for k in fwd if is_cm(k))
-    gm = sum(fwd[k] + bwd[k] for k in fwd if is_gm(k))
-    split = {'kind': 'split', 'model': args.model, 'cm_share': round(cm / total, 4) if total else None,
-             'gm_share': round(gm / total, 4) if total else None,
-             'layer_total_s_per_iter': round(total / n, 4), 'wall_s_per_iter': round(med, 4)}
-    # time by layer type, and the trunk / GM split
-    by_type = {}
-    for l in net.layers:
-        by_type[l.type] = by_type.get(l.type, 0.0) + fwd[l.name] + bwd[l.name]
-    split['by_type_s_per_iter'] = {k.replace('dagnn.', ''): round(v / n, 4)
-                                   for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
-    print(json.dumps(split), flush=True)
-
-    types = {l.name: l.type.replace('dagnn.', '') for l in net.layers}
-    top = sorted(fwd, key=lambda k: -(fwd[k] + bwd[k]))[:10]
-    print(json.dumps({'kind': 'top_layers', 'model': args.model,
-                      'layers': [[k, types[k], round(1e3 * fwd[k] / n, 2), round(1e3 * bwd[k] / n, 2),
-                                  round((fwd[k] + bwd[k]) / total, 4)] for k in top]}), flush=True)
+    for r in layer_records(net, fwd, bwd, args.iters, {'model': args.model},
+                           {'wall_s_per_iter': round(med, 4)}):
+        print(json.dumps(r), flush=True)
     return rec
 
 

@@ -32,6 +32,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+# the reporting shared with the CPU benchmark
+from bench_train import _zero_clocks, layer_records, unit_bn_moments  # noqa: E402
 
 
 def parse(argv):
@@ -135,45 +139,23 @@ def run(args):
         net.sync_timing = True
         t0 = time.perf_counter()
         for _ in range(n):
-            for l in net.layers:
-                l.forward_time = l.backward_time = 0.0
+            _zero_clocks(net)
             step()
             for l in net.layers:
                 fwd[l.name] += l.forward_time
                 bwd[l.name] += l.backward_time
         prof_wall = (time.perf_counter() - t0) / n
         net.sync_timing = False
-        total = sum(fwd.values()) + sum(bwd.values())
-        is_cm = lambda nm: nm.startswith('CM_') or nm == 'Fusion_out'  # noqa: E731
-        is_gm = lambda nm: is_cm(nm) or nm.startswith('gating') or nm in ('H_x', 'Balance_loss')  # noqa: E731
-        cm = sum(fwd[k] + bwd[k] for k in fwd if is_cm(k))
-        gm = sum(fwd[k] + bwd[k] for k in fwd if is_gm(k))
-        split = {'kind': 'split', 'framework': 'pydagnn', 'model': args.model, 'device': 'gpu',
-                 'cm_share': round(cm / total, 4) if total else None,
-                 'gm_share': round(gm / total, 4) if total else None,
-                 'layer_total_s_per_iter': round(total / n, 4), 'profiled_wall_s_per_iter': round(prof_wall, 4),
-                 'update_s_per_iter': round(max(0.0, prof_wall - total / n), 4),
-                 'wall_s_per_iter': round(med, 4)}
-        by_type = {}
-        for l in net.layers:
-            by_type[l.type] = by_type.get(l.type, 0.0) + fwd[l.name] + bwd[l.name]
-        split['by_type_s_per_iter'] = {k.replace('dagnn.', ''): round(v / n, 4)
-                                       for k, v in sorted(by_type.items(), key=lambda kv: -kv[1])}
-        print(json.dumps(split), flush=True)
-        types = {l.name: l.type.replace('dagnn.', '') for l in net.layers}
-        top = sorted(fwd, key=lambda k: -(fwd[k] + bwd[k]))[:10]
-        print(json.dumps({'kind': 'top_layers', 'framework': 'pydagnn', 'model': args.model, 'device': 'gpu',
-                          'layers': [[k, types[k], round(1e3 * fwd[k] / n, 2), round(1e3 * bwd[k] / n, 2),
-                                      round((fwd[k] + bwd[k]) / total, 4) if total else None]
-                                     for k in top]}), flush=True)
+        layer_s = (sum(fwd.values()) + sum(bwd.values())) / n
+        tags = {'framework': 'pydagnn', 'model': args.model, 'device': 'gpu'}
+        timing = {'profiled_wall_s_per_iter': round(prof_wall, 4),
+                  'update_s_per_iter': round(max(0.0, prof_wall - layer_s), 4),
+                  'wall_s_per_iter': round(med, 4)}
+        for r in layer_records(net, fwd, bwd, n, tags, timing):
+            print(json.dumps(r), flush=True)
 
     if not args.no_test_pass:
-        for l in net.layers:
-            if l.type == 'dagnn.BatchNorm':
-                m = net.get_param(l.params[2])
-                v = cp.zeros_like(m.value)
-                v[:, 1] = 1
-                m.value = v
+        unit_bn_moments(net)
         net.mode = 'test'
         net.eval(feed)
         dev.synchronize()

@@ -69,10 +69,25 @@ def _back(a3, shape):
     return a3.reshape(N, C, W, H).T
 
 
-def _split_moments(moments, C):
-    xp = get_array_module(moments)
-    m = moments if moments.shape == (C, 2) else moments.reshape(C, 2, order='F')
-    return xp.ascontiguousarray(m[:, 0]), xp.ascontiguousarray(m[:, 1])
+def _channels(v, C, dt):
+    """A per-channel parameter (C elements, any shape) as a (C,) vector of dtype ``dt``."""
+    return v.reshape(C).astype(dt, copy=False)
+
+
+def _split_moments(moments, C, dt, xp):
+    """Given moments (``C x 2``, or 2C values in MATLAB order) -> ``(mu, sigma, m)``: mu and
+    sigma contiguous (C,) vectors and ``m`` the ``(C, 2)`` moments, all of dtype ``dt``."""
+    m = moments.astype(dt, copy=False)
+    if m.shape != (C, 2):
+        m = m.reshape(C, 2, order='F')
+    return xp.ascontiguousarray(m[:, 0]), xp.ascontiguousarray(m[:, 1]), m
+
+
+def _dy_like(x, dy, op):
+    """``dy`` with ``x``'s (4-D) shape (MATLAB may have dropped trailing singletons)."""
+    if dy.size != x.size:
+        raise ValueError(f'{op}: dy has shape {dy.shape}, x has shape {x.shape}')
+    return dy if dy.shape == x.shape else dy.reshape(x.shape, order='F')
 
 
 def bnorm_moments(x, epsilon=1e-5):
@@ -82,12 +97,10 @@ def bnorm_moments(x, epsilon=1e-5):
     if get_array_module(x) is not np:
         return _gpu().bnorm_moments(x, epsilon)
     mu, sigma, _ = _batch_stats(x, epsilon)
-    xp = get_array_module(x)
-    return xp.stack([mu, sigma], axis=1)
+    return np.stack([mu, sigma], axis=1)
 
 
 def _batch_stats(x, epsilon):
-    xp = get_array_module(x)
     x3 = _ncm(x)
     M = x3.shape[0] * x3.shape[2]
     if M == 0:
@@ -95,8 +108,18 @@ def _batch_stats(x, epsilon):
     mu = x3.sum(axis=(0, 2)) / x.dtype.type(M)
     xm = x3 - mu[:, None]
     var = (xm * xm).sum(axis=(0, 2)) / x.dtype.type(M)
-    sigma = xp.sqrt(var + x.dtype.type(epsilon))
+    sigma = np.sqrt(var + x.dtype.type(epsilon))
     return mu, sigma, xm
+
+
+def _centered(x, moments, epsilon):
+    """``(mu, sigma, xm, m)`` (CPU): the batch moments of x (``moments`` None) or the given
+    ones, ``xm = x - mu`` as a fresh (N, C, H*W) array and ``m`` the (C, 2) moments used."""
+    if moments is None:
+        mu, sigma, xm = _batch_stats(x, epsilon)
+        return mu, sigma, xm, np.stack([mu, sigma], axis=1)
+    mu, sigma, m = _split_moments(moments, x.shape[2], x.dtype, np)
+    return mu, sigma, _ncm(x) - mu[:, None], m
 
 
 def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
@@ -107,27 +130,16 @@ def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
     'test' mode; ``test_mode=True`` only asserts that moments are given).
     Returns ``(y, moments)``: y Fortran-contiguous, moments the ``(C, 2)`` moments used.
     """
-    xp = get_array_module(x)
     x = _check(x, g, b, moments, 'bnorm_forward')
-    if xp is not np:
-        return _gpu().bnorm_forward(x, g, b, moments, epsilon, test_mode)
-    C = x.shape[2]
-    dt = x.dtype
-    g = g.reshape(C).astype(dt, copy=False)
-    b = b.reshape(C).astype(dt, copy=False)
-    if moments is None:
-        if test_mode:
-            raise ValueError('bnorm_forward: test_mode needs the moments')
-        mu, sigma, xm = _batch_stats(x, epsilon)
-        out_moments = xp.stack([mu, sigma], axis=1)
-    else:
-        moments = moments.astype(dt, copy=False)
-        mu, sigma = _split_moments(moments, C)
-        xm = _ncm(x) - mu[:, None]
-        out_moments = moments.reshape(C, 2, order='F') if moments.shape != (C, 2) else moments
-    y3 = xm   # a fresh temporary in both branches: normalize in place
-    y3 *= (g / sigma)[:, None]
-    y3 += b[:, None]
+    if moments is None and test_mode:
+        raise ValueError('bnorm_forward: test_mode needs the moments')
+    if get_array_module(x) is not np:
+        return _gpu().bnorm_forward(x, g, b, moments, epsilon)
+    C, dt = x.shape[2], x.dtype
+    mu, sigma, xm, out_moments = _centered(x, moments, epsilon)
+    y3 = xm   # a fresh temporary in both cases: normalize in place
+    y3 *= (_channels(g, C, dt) / sigma)[:, None]
+    y3 += _channels(b, C, dt)[:, None]
     return _back(y3, x.shape), out_moments
 
 
@@ -139,31 +151,17 @@ def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
     they are returned unchanged (``vl_nnbnorm(x, g, b, dy, 'moments', m)``).
     dg, db have g's and b's shapes; dx is Fortran-contiguous.
     """
-    xp = get_array_module(x)
     x = _check(x, g, b, moments, 'bnorm_backward')
-    if dy.size != x.size:
-        raise ValueError(f'bnorm_backward: dy has shape {dy.shape}, x has shape {x.shape}')
-    if xp is not np:
+    dy = _dy_like(x, dy, 'bnorm_backward')
+    if get_array_module(x) is not np:
         return _gpu().bnorm_backward(x, g, b, dy, moments, epsilon)
-    C = x.shape[2]
-    dt = x.dtype
-    if dy.shape != x.shape:
-        dy = dy.reshape(x.shape, order='F')
-    dy = dy.astype(dt, copy=False)
-    gv = g.reshape(C).astype(dt, copy=False)
-    if moments is None:
-        mu, sigma, xm = _batch_stats(x, epsilon)
-        out_moments = xp.stack([mu, sigma], axis=1)
-    else:
-        moments = moments.astype(dt, copy=False)
-        mu, sigma = _split_moments(moments, C)
-        xm = _ncm(x) - mu[:, None]
-        out_moments = moments.reshape(C, 2, order='F') if moments.shape != (C, 2) else moments
-    dy3 = _ncm(dy)
+    C, dt = x.shape[2], x.dtype
+    dy3 = _ncm(dy.astype(dt, copy=False))
+    mu, sigma, xm, out_moments = _centered(x, moments, epsilon)
     M = dy3.shape[0] * dy3.shape[2]
     db = dy3.sum(axis=(0, 2))
     dg = (dy3 * xm).sum(axis=(0, 2)) / sigma
-    G1 = gv / sigma
+    G1 = _channels(g, C, dt) / sigma
     G2 = G1 * dg / (dt.type(M) * sigma)
     muz = db / dt.type(M)
     # dx = G1 * (dy - muz) - G2 * (x - mu), reusing the xm temporary
@@ -178,21 +176,15 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     (moments treated as constants): ``(dx, dg, db)`` with ``dx = g/sigma * dy``.
     Used by :class:`BatchNorm` in 'test' mode."""
     x = _check(x, g, b, moments, 'bnorm_backward_fixed_moments')
-    C = x.shape[2]
-    dt = x.dtype
-    if dy.size != x.size:
-        raise ValueError(f'bnorm_backward_fixed_moments: dy has shape {dy.shape}, '
-                         f'x has shape {x.shape}')
+    dy = _dy_like(x, dy, 'bnorm_backward_fixed_moments')
     if get_array_module(x) is not np:
         return _gpu().bnorm_backward_fixed_moments(x, g, b, dy, moments)
-    if dy.shape != x.shape:
-        dy = dy.reshape(x.shape, order='F')
-    dy = dy.astype(dt, copy=False)
-    mu, sigma = _split_moments(moments.astype(dt, copy=False), C)
-    dy3 = _ncm(dy)
+    C, dt = x.shape[2], x.dtype
+    dy3 = _ncm(dy.astype(dt, copy=False))
+    mu, sigma, _ = _split_moments(moments, C, dt, np)
     db = dy3.sum(axis=(0, 2))
     dg = (dy3 * (_ncm(x) - mu[:, None])).sum(axis=(0, 2)) / sigma
-    dx3 = dy3 * (g.reshape(C).astype(dt, copy=False) / sigma)[:, None]
+    dx3 = dy3 * (_channels(g, C, dt) / sigma)[:, None]
     return _back(dx3, x.shape), dg.reshape(g.shape), db.reshape(b.shape)
 
 

@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from pydagnn.backend import is_gpu_array
+from pydagnn.backend import get_array_module, is_gpu_array
 from pydagnn.layer import Layer, register
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels.threads_cpu import parallel_for
@@ -76,18 +76,24 @@ def parse_pair(v, name, op='conv'):
     return p
 
 
+def _window_outputs(H, W, pad, fh, fw, sy, sx):
+    """(Ho, Wo): the positions of an ``fh x fw`` window at strides ``(sy, sx)`` over an
+    ``H x W`` map padded by ``pad`` = (top, bottom, left, right), MatConvNet's formula
+    (convolution with the dilated filter size, and pooling)."""
+    pt, pb, pl, pr = pad
+    return (H + pt + pb - fh) // sy + 1, (W + pl + pr - fw) // sx + 1
+
+
 def conv_output_size(H, W, FH, FW, pad=0, stride=1, dilate=1):
     """(Ho, Wo) of a convolution, MatConvNet's formula."""
-    pt, pb, pl, pr = parse_pad(pad)
-    sy, sx = parse_pair(stride, 'stride')
     ry, rx = parse_pair(dilate, 'dilate')
-    fhe = (FH - 1) * ry + 1
-    fwe = (FW - 1) * rx + 1
-    return (H + pt + pb - fhe) // sy + 1, (W + pl + pr - fwe) // sx + 1
+    return _window_outputs(H, W, parse_pad(pad), (FH - 1) * ry + 1, (FW - 1) * rx + 1,
+                           *parse_pair(stride, 'stride'))
 
 
-def _as4d(a, name, op):
-    a = np.asarray(a)
+def _as4d(a, name, op, xp=np):
+    """``a`` as an array of module ``xp`` (numpy or cupy) with 4 dimensions."""
+    a = xp.asarray(a)
     if a.ndim > 4:
         raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
     if a.ndim < 4:   # MATLAB drops trailing singleton dimensions
@@ -95,20 +101,32 @@ def _as4d(a, name, op):
     return a
 
 
-def _fortran(a, dtype):
+def _fortran(a, dtype, xp=np):
     """``a`` as a Fortran-contiguous array of ``dtype`` (no copy when it already is one)."""
     if a.dtype == dtype and a.flags.f_contiguous:
         return a
-    return np.asarray(a, dtype=dtype, order='F')
+    return xp.asfortranarray(a, dtype=dtype)
+
+
+def _output_derivative(g, dy, op):
+    """``dy`` of a geometry ``g``'s call (conv or pool: ``g.out_shape``, ``g.dtype``, ``g.xp``,
+    ``g.describe()``), checked against the output shape, Fortran-contiguous in g.dtype."""
+    dy = _as4d(dy, 'dy', op, g.xp)
+    if dy.shape != g.out_shape:
+        raise ValueError(f'{op}: dy has shape {dy.shape}, expected {g.out_shape} ({g.describe()})')
+    return _fortran(dy, g.dtype, g.xp)
 
 
 class _Geom:
-    """Checked shapes and options of one convolution call."""
+    """Checked shapes and options of one convolution call, on either device: the arrays
+    (``x``, ``w``, ``b``) are those of ``xp``, the module of ``x`` (numpy or cupy); the GPU
+    path (:mod:`pydagnn.layers.kernels.im2col_gpu`) uses it as the CPU path does."""
 
     def __init__(self, x, w, b, pad, stride, dilate, op):
-        x = _as4d(x, 'x', op)
-        w = _as4d(w, 'filters', op)
-        if not np.issubdtype(x.dtype, np.floating):
+        self.xp = xp = get_array_module(x)
+        x = _as4d(x, 'x', op, xp)
+        w = _as4d(w, 'filters', op, xp)
+        if x.dtype.kind != 'f':
             raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
         self.dtype = x.dtype
         self.H, self.W, self.C, self.N = x.shape
@@ -132,23 +150,23 @@ class _Geom:
             raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) '
                              f'are larger than the padded input: x shape {x.shape}, pad '
                              f'{[self.pt, self.pb, self.pl, self.pr]}')
-        self.Ho = (self.H + self.pt + self.pb - self.fhe) // self.sy + 1
-        self.Wo = (self.W + self.pl + self.pr - self.fwe) // self.sx + 1
+        self.Ho, self.Wo = _window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
+                                           self.fhe, self.fwe, self.sy, self.sx)
         self.P = self.Ho * self.Wo
         self.Kg = self.Cin * self.FW * self.FH
         self.K = self.C * self.FW * self.FH
-        self.x = _fortran(x, self.dtype)
-        self.w = _fortran(w, self.dtype)
-        self.w_dtype = w.dtype if np.issubdtype(w.dtype, np.floating) else self.dtype
+        self.x = _fortran(x, self.dtype, xp)
+        self.w = _fortran(w, self.dtype, xp)
+        self.w_dtype = w.dtype if w.dtype.kind == 'f' else self.dtype
         self.b = None
         self.b_dtype = None
         if b is not None and np.size(b) > 0:
-            barr = np.asarray(b)
+            barr = xp.asarray(b)
             if barr.size != self.Cout:
                 raise ValueError(f'{op}: bias has {barr.size} elements (shape {barr.shape}), '
                                  f'expected {self.Cout} (filters {w.shape})')
-            self.b_dtype = barr.dtype if np.issubdtype(barr.dtype, np.floating) else self.dtype
-            self.b = np.ascontiguousarray(barr.reshape(-1), dtype=self.dtype)
+            self.b_dtype = barr.dtype if barr.dtype.kind == 'f' else self.dtype
+            self.b = xp.ascontiguousarray(barr.reshape(-1), dtype=self.dtype)
         nopad = self.pt == self.pb == self.pl == self.pr == 0
         # the column matrix of every image is the image itself: one GEMM on x
         self.fc = (nopad and self.G == 1 and self.fhe == self.H and self.fwe == self.W
@@ -164,12 +182,22 @@ class _Geom:
         """Filters as the (Cout, Kg) matrix (a view of the Fortran array)."""
         return self.w.T.reshape(self.Cout, self.Kg)
 
-    def chunk(self):
-        """Images per im2col chunk."""
+    def chunk(self, budget=None):
+        """Images per im2col chunk: as many as keep the column buffer under ``budget`` bytes
+        (default :data:`COL_CHUNK_BYTES`, read at call time; the GPU passes its own)."""
+        budget = COL_CHUNK_BYTES if budget is None else budget
         per_image = max(1, self.K * self.P * self.dtype.itemsize)
-        return max(1, min(self.N, COL_CHUNK_BYTES // per_image))
+        return max(1, min(self.N, budget // per_image))
+
+    def dy(self, dy, op):
+        """``dy`` checked against the output shape, Fortran-contiguous in x's dtype."""
+        return _output_derivative(self, dy, op)
+
+    def describe(self):
+        return f'x {self.x.shape}, filters {self.w.shape}'
 
     def kargs(self):
+        """The geometry arguments of the numba kernels (:mod:`im2col_cpu`)."""
         return (self.FH, self.FW, self.Ho, self.Wo, self.pt, self.pl,
                 self.sy, self.sx, self.ry, self.rx)
 
@@ -254,11 +282,7 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
         from pydagnn.layers.kernels import im2col_gpu
         return im2col_gpu.conv_backward(x, w, b, dy, pad, stride, dilate)
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_backward')
-    dy = _as4d(dy, 'dy', 'conv_backward')
-    if dy.shape != g.out_shape:
-        raise ValueError(f'conv_backward: dy has shape {dy.shape}, expected {g.out_shape} '
-                         f'(x {g.x.shape}, filters {g.w.shape})')
-    dy = _fortran(dy, g.dtype)
+    dy = g.dy(dy, 'conv_backward')
     N, P = g.N, g.P
     dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
     dw = np.zeros(g.w.shape, dtype=g.dtype, order='F')

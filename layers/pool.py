@@ -1,4 +1,4 @@
-"""Pooling (MatConvNet's ``vl_nnpool`` and ``dagnn.Pooling``), CPU.
+"""Pooling (MatConvNet's ``vl_nnpool`` and ``dagnn.Pooling``), CPU and GPU.
 
 ``pool_forward(x, pool_size, method='max', pad=0, stride=1) -> y``
 ``pool_backward(x, dy, pool_size, method='max', pad=0, stride=1) -> dx``
@@ -17,12 +17,17 @@ or [top bottom left right] (each smaller than the window, as ``vl_nnpool`` requi
 
 A window that covers the whole unpadded map (the 8x8 global average pool of the GAP
 models) takes a fast path: a plain mean per channel.
+
+The windows run in numba kernels (:mod:`pydagnn.layers.kernels.pool_cpu`) on the CPU and
+in CUDA kernels (:mod:`pydagnn.layers.kernels.pool_gpu`) for CuPy inputs; the checks, the
+output allocation and the global-average path are this module's, for both devices.
 """
 import numpy as np
 
-from pydagnn.backend import is_gpu_array
+from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from pydagnn.layers.conv import parse_pad, parse_pair, _as4d, _fortran
+from pydagnn.layers.conv import (parse_pad, parse_pair, _as4d, _fortran, _output_derivative,
+                                 _window_outputs)
 from pydagnn.layers.kernels import pool_cpu as _k
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
@@ -41,12 +46,17 @@ def _method(m, op):
 
 
 class _PoolGeom:
+    """Checked shapes and options of one pooling call, on either device: ``x`` stays an
+    array of its own module ``xp`` (numpy or cupy); the GPU kernels
+    (:mod:`pydagnn.layers.kernels.pool_gpu`) read the same geometry."""
+
     def __init__(self, x, pool_size, method, pad, stride, op):
-        x = _as4d(x, 'x', op)
-        if not np.issubdtype(x.dtype, np.floating):
+        self.xp = xp = get_array_module(x)
+        x = _as4d(x, 'x', op, xp)
+        if x.dtype.kind != 'f':
             raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
         self.dtype = x.dtype
-        self.x = _fortran(x, x.dtype)
+        self.x = _fortran(x, x.dtype, xp)
         self.H, self.W, self.C, self.N = x.shape
         self.method = _method(method, op)
         self.ph, self.pw = parse_pair(pool_size, 'pool size', op)
@@ -59,8 +69,8 @@ class _PoolGeom:
             raise ValueError(f'{op}: the pooling window {[self.ph, self.pw]} is larger than the '
                              f'input {x.shape} (including padding '
                              f'{[self.pt, self.pb, self.pl, self.pr]})')
-        self.Ho = (self.H + self.pt + self.pb - self.ph) // self.sy + 1
-        self.Wo = (self.W + self.pl + self.pr - self.pw) // self.sx + 1
+        self.Ho, self.Wo = _window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
+                                           self.ph, self.pw, self.sy, self.sx)
         # the window is the whole map: one output per channel
         self.global_ = (self.ph == self.H and self.pw == self.W
                         and self.pt == self.pb == self.pl == self.pr == 0)
@@ -69,33 +79,49 @@ class _PoolGeom:
     def out_shape(self):
         return (self.Ho, self.Wo, self.C, self.N)
 
+    def dy(self, dy, op):
+        """``dy`` checked against the output shape, Fortran-contiguous in x's dtype."""
+        return _output_derivative(self, dy, op)
+
+    def describe(self):
+        return (f'x {self.x.shape}, pool {[self.ph, self.pw]}, pad '
+                f'{[self.pt, self.pb, self.pl, self.pr]}, stride {[self.sy, self.sx]}')
+
     def kargs(self):
+        """The geometry arguments of the numba kernels (:mod:`pool_cpu`)."""
         return (self.ph, self.pw, self.pt, self.pl, self.sy, self.sx)
 
 
 def pool_output_size(H, W, pool_size, pad=0, stride=1):
     """(Ho, Wo) of a pooling, MatConvNet's formula."""
     ph, pw = parse_pair(pool_size, 'pool size', 'pool')
-    pt, pb, pl, pr = parse_pad(pad, 'pool')
-    sy, sx = parse_pair(stride, 'stride', 'pool')
-    return (H + pt + pb - ph) // sy + 1, (W + pl + pr - pw) // sx + 1
+    return _window_outputs(H, W, parse_pad(pad, 'pool'), ph, pw,
+                           *parse_pair(stride, 'stride', 'pool'))
+
+
+def _pool_gpu():
+    """The CUDA kernels (imported on first GPU use)."""
+    from pydagnn.layers.kernels import pool_gpu
+    return pool_gpu
 
 
 def pool_forward(x, pool_size, method='max', pad=0, stride=1):
     """MatConvNet ``vl_nnpool(x, pool_size, 'method', method, 'pad', pad, 'stride', stride)``.
-    Returns y (Ho, Wo, C, N), Fortran-contiguous, x's dtype."""
-    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/pool_gpu.py)
-        from pydagnn.layers.kernels import pool_gpu
-        return pool_gpu.pool_forward(x, pool_size, method, pad, stride)
+    Returns y (Ho, Wo, C, N), Fortran-contiguous, x's dtype, on x's device."""
     g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_forward')
-    y = np.empty(g.out_shape, dtype=g.dtype, order='F')
+    xp = g.xp
+    y = xp.empty(g.out_shape, dtype=g.dtype, order='F')
     if y.size == 0:
         return y
     xT, yT = g.x.T, y.T
     if g.global_ and g.method == 'avg':
         y2 = yT.reshape(g.N, g.C)
-        np.sum(xT.reshape(g.N, g.C, g.H * g.W), axis=2, out=y2)
+        xp.sum(xT.reshape(g.N, g.C, g.H * g.W), axis=2, out=y2)
         y2 *= g.dtype.type(1) / g.dtype.type(g.H * g.W)
+        return y
+    if xp is not np:   # CuPy input: the CUDA kernels (layers/kernels/pool_gpu.py)
+        k = _pool_gpu()
+        (k.max_forward if g.method == 'max' else k.avg_forward)(xT, yT, g)
         return y
     kern = _k.max_forward if g.method == 'max' else _k.avg_forward
     parallel_for(lambda a, b, _: kern(xT, yT, a, b, *g.kargs()), g.N, uses_blas=False)
@@ -104,24 +130,24 @@ def pool_forward(x, pool_size, method='max', pad=0, stride=1):
 
 def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
     """Derivative of ``pool_forward`` projected on ``dy`` (Ho, Wo, C, N); returns dx like x
-    (Fortran-contiguous, x's dtype)."""
-    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/pool_gpu.py)
-        from pydagnn.layers.kernels import pool_gpu
-        return pool_gpu.pool_backward(x, dy, pool_size, method, pad, stride)
+    (Fortran-contiguous, x's dtype, on x's device)."""
     g = _PoolGeom(x, pool_size, method, pad, stride, 'pool_backward')
-    dy = _as4d(dy, 'dy', 'pool_backward')
-    if dy.shape != g.out_shape:
-        raise ValueError(f'pool_backward: dy has shape {dy.shape}, expected {g.out_shape} '
-                         f'(x {g.x.shape}, pool {[g.ph, g.pw]}, pad {[g.pt, g.pb, g.pl, g.pr]}, '
-                         f'stride {[g.sy, g.sx]})')
-    dy = _fortran(dy, g.dtype)
-    dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
+    dy = g.dy(dy, 'pool_backward')
+    xp = g.xp
+    dx = xp.empty(g.x.shape, dtype=g.dtype, order='F')
     if dx.size == 0:
         return dx
     xT, dyT, dxT = g.x.T, dy.T, dx.T
     if g.global_ and g.method == 'avg':
         scale = g.dtype.type(1) / g.dtype.type(g.H * g.W)
-        np.multiply(dyT.reshape(g.N, g.C, 1), scale, out=dxT.reshape(g.N, g.C, g.H * g.W))
+        xp.multiply(dyT.reshape(g.N, g.C, 1), scale, out=dxT.reshape(g.N, g.C, g.H * g.W))
+        return dx
+    if xp is not np:   # CuPy input: the CUDA kernels (layers/kernels/pool_gpu.py)
+        k = _pool_gpu()
+        if g.method == 'max':
+            k.max_backward(xT, dyT, dxT, g)
+        else:
+            k.avg_backward(dyT, dxT, g)
         return dx
     if g.method == 'max':
         def part(a, b, _):

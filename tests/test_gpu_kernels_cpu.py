@@ -119,10 +119,9 @@ def test_pool_kernels_match_cpu(cpu_kernels, case, method, rng, monkeypatch):
     H, W, C, N, ps, pad, stride = case
     x = np.asfortranarray(rng.standard_normal((H, W, C, N)))
     x[0, 0, 0, 0] = x[1, 0, 0, 0]     # a tie: the first maximum must win
-    g = pool_gpu._Geom.__new__(pool_gpu._Geom)
     y_ref = pool_forward(x, ps, method, pad, stride)
     Ho, Wo = y_ref.shape[:2]
-    g.__dict__.update(Ho=Ho, Wo=Wo, ph=ps[0], pw=ps[1], pt=pad[0], pl=pad[2], sy=stride[0], sx=stride[1])
+    g = _G(Ho=Ho, Wo=Wo, ph=ps[0], pw=ps[1], pt=pad[0], pl=pad[2], sy=stride[0], sx=stride[1])
     y = np.full(y_ref.shape, np.nan, order='F')
     (pool_gpu.max_forward if method == 'max' else pool_gpu.avg_forward)(x.T, y.T, g)
     np.testing.assert_allclose(y, y_ref, rtol=1e-13)

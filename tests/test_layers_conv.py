@@ -10,6 +10,8 @@ from pydagnn.layer import block_class
 from pydagnn.layers import conv as conv_mod
 from pydagnn.layers.conv import Conv, conv_backward, conv_forward, conv_output_size
 
+from option_refs import pad4, pair   # tests/option_refs.py
+
 
 def ref_conv(x, w, b=None, pad=(0, 0, 0, 0), stride=(1, 1), dilate=(1, 1)):
     """Direct float64 cross-correlation, MatConvNet semantics (groups included)."""
@@ -40,16 +42,6 @@ def ref_conv(x, w, b=None, pad=(0, 0, 0, 0), stride=(1, 1), dilate=(1, 1)):
     return y
 
 
-def _pad4(p):
-    p = list(np.ravel(p))
-    return p * 4 if len(p) == 1 else ([p[0], p[0], p[1], p[1]] if len(p) == 2 else p)
-
-
-def _pair(s):
-    s = list(np.ravel(s))
-    return s * 2 if len(s) == 1 else s
-
-
 # (id, x shape, filter shape, pad, stride, dilate, hasBias)
 CASES = [
     ('3x3_s2_p1', (7, 6, 3, 2), (3, 3, 3, 4), 1, 2, 1, True),
@@ -77,7 +69,7 @@ def test_conv_gradcheck_and_values(case):
     block = Conv(size=list(ws), hasBias=has_bias, pad=pad, stride=stride, dilate=dilate)
     params = [w, rng.standard_normal(ws[3])] if has_bias else [w]
     y = block.forward([x], params)[0]
-    yr = ref_conv(x, w, params[1] if has_bias else None, _pad4(pad), _pair(stride), _pair(dilate))
+    yr = ref_conv(x, w, params[1] if has_bias else None, pad4(pad), pair(stride), pair(dilate))
     assert y.shape == yr.shape
     assert y.flags.f_contiguous and y.dtype == np.float64
     np.testing.assert_allclose(y, yr, rtol=1e-12, atol=1e-12)
@@ -107,13 +99,13 @@ def _adjoint_check(x, w, b, pad, stride, dilate, seed=0):
     """<dy, conv(x)> is bilinear: compare conv_backward with the reference's adjoint."""
     rng = np.random.default_rng(seed)
     y = conv_forward(x, w, b, pad, stride, dilate)
-    yr = ref_conv(x, w, b, _pad4(pad), _pair(stride), _pair(dilate))
+    yr = ref_conv(x, w, b, pad4(pad), pair(stride), pair(dilate))
     np.testing.assert_allclose(y, yr, rtol=1e-10, atol=1e-10)
     dy = rng.standard_normal(y.shape)
     dx, dw, db = conv_backward(x, w, b, dy, pad, stride, dilate)
     vx, vw = rng.standard_normal(x.shape), rng.standard_normal(w.shape)
     def f(xx, ww):
-        return np.sum(ref_conv(xx, ww, None, _pad4(pad), _pair(stride), _pair(dilate)) * dy)
+        return np.sum(ref_conv(xx, ww, None, pad4(pad), pair(stride), pair(dilate)) * dy)
     assert np.isclose(np.sum(dx * vx), f(vx, w), rtol=1e-10)
     assert np.isclose(np.sum(dw * vw), f(x, vw), rtol=1e-10)
     if b is not None:

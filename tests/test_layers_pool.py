@@ -10,6 +10,8 @@ from pydagnn.gradcheck import check_block
 from pydagnn.layer import block_class
 from pydagnn.layers.pool import Pooling, pool_backward, pool_forward, pool_output_size
 
+from option_refs import pad4, pair   # tests/option_refs.py
+
 
 def ref_pool(x, pool, method, pad, stride):
     """Direct reference: windows clipped to the image; avg divides by the clipped size."""
@@ -26,16 +28,6 @@ def ref_pool(x, pool, method, pad, stride):
             win = x[max(r1, 0):min(r1 + ph, H), max(c1, 0):min(c1 + pw, W)]
             y[i, j] = win.max(axis=(0, 1)) if method == 'max' else win.mean(axis=(0, 1))
     return y
-
-
-def _pad4(p):
-    p = list(np.ravel(p))
-    return p * 4 if len(p) == 1 else ([p[0], p[0], p[1], p[1]] if len(p) == 2 else p)
-
-
-def _pair(s):
-    s = list(np.ravel(s))
-    return s * 2 if len(s) == 1 else s
 
 
 # (id, x shape, poolSize, pad, stride)
@@ -57,7 +49,7 @@ def test_pool_gradcheck_and_values(case):
     x = rng.standard_normal(xs)
     block = Pooling(method=method, poolSize=pool, pad=pad, stride=stride)
     y = block.forward([x], [])[0]
-    yr = ref_pool(x, _pair(pool), method, _pad4(pad), _pair(stride))
+    yr = ref_pool(x, pair(pool), method, pad4(pad), pair(stride))
     assert y.shape == yr.shape == block.get_output_sizes([xs])[0]
     assert y.flags.f_contiguous and y.dtype == np.float64
     np.testing.assert_allclose(y, yr, rtol=1e-13, atol=1e-13)

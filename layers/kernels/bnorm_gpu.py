@@ -9,9 +9,12 @@ reduction over each ``(image, channel)`` plane (the contiguous last axis: one
 reduction over axes (0, 2) with only C outputs), then a sum over the N images.
 
 Statistics as on the CPU: the mean first, then the mean of the squared deviations
-(two-pass variance), biased (1/M), in x's dtype.
+(two-pass variance), biased (1/M), in x's dtype. The checks (shapes, ``test_mode``, dy's
+shape) are :mod:`pydagnn.layers.bnorm`'s, before it dispatches here.
 """
 import functools
+
+from pydagnn.layers.bnorm import _channels, _split_moments
 
 __all__ = ['bnorm_forward', 'bnorm_backward', 'bnorm_backward_fixed_moments', 'bnorm_moments']
 
@@ -64,10 +67,28 @@ def _stats(x3, epsilon):
     return mu, sigma
 
 
-def _split(moments, C, dt, cp):
-    m = moments.astype(dt, copy=False)
-    m = m if m.shape == (C, 2) else m.reshape(C, 2, order='F')
-    return cp.ascontiguousarray(m[:, 0]), cp.ascontiguousarray(m[:, 1]), m
+def _moments(x3, moments, epsilon, cp):
+    """``(mu, sigma, m)``: the batch moments of x3 (``moments`` None) or the given ones, and
+    the (C, 2) moments used."""
+    if moments is None:
+        mu, sigma = _stats(x3, epsilon)
+        return mu, sigma, cp.stack([mu, sigma], axis=1)
+    return _split_moments(moments, x3.shape[1], x3.dtype, cp)
+
+
+def _x_dy(x, dy, cp):
+    """x and dy (already x's shape) Fortran-contiguous in x's dtype: ``(x, x3, dy3)``."""
+    x, x3 = _x3(x, cp)
+    _, dy3 = _x3(dy, cp, x.dtype)
+    return x, x3, dy3
+
+
+def _db_dg(dy3, x3, mu, sigma):
+    """``db = sum(dy)``, ``dg = sum(dy * (x - mu)) / sigma`` per channel."""
+    k = _k()
+    db = _channel_sum(k['sum'](dy3, axis=2))
+    dg = _channel_sum(k['dotdev'](dy3, x3, _ch(mu), axis=2)) / sigma
+    return db, dg
 
 
 def bnorm_moments(x, epsilon=1e-5):
@@ -77,64 +98,42 @@ def bnorm_moments(x, epsilon=1e-5):
     return cp.stack([mu, sigma], axis=1)
 
 
-def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
-    """GPU ``bnorm_forward`` -> ``(y, moments)`` (x already checked, 4-D)."""
+def bnorm_forward(x, g, b, moments=None, epsilon=1e-5):
+    """GPU ``bnorm_forward`` -> ``(y, moments)`` (x already checked, 4-D; moments given
+    unless the batch statistics are wanted)."""
     import cupy as cp
     x, x3 = _x3(x, cp)
     N, C, HW = x3.shape
     dt = x.dtype
-    g = g.reshape(C).astype(dt, copy=False)
-    b = b.reshape(C).astype(dt, copy=False)
-    if moments is None:
-        if test_mode:
-            raise ValueError('bnorm_forward: test_mode needs the moments')
-        mu, sigma = _stats(x3, epsilon)
-        out_moments = cp.stack([mu, sigma], axis=1)
-    else:
-        mu, sigma, out_moments = _split(moments, C, dt, cp)
-    y3 = _k()['norm'](x3, _ch(mu), _ch(g / sigma), _ch(b))
+    mu, sigma, out_moments = _moments(x3, moments, epsilon, cp)
+    y3 = _k()['norm'](x3, _ch(mu), _ch(_channels(g, C, dt) / sigma), _ch(_channels(b, C, dt)))
     return y3.reshape(N, C, *x.shape[1::-1]).T, out_moments
 
 
 def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
-    """GPU ``bnorm_backward`` -> ``(dx, dg, db, moments)``."""
+    """GPU ``bnorm_backward`` -> ``(dx, dg, db, moments)`` (x checked, dy of x's shape)."""
     import cupy as cp
-    k = _k()
-    x, x3 = _x3(x, cp)
+    x, x3, dy3 = _x_dy(x, dy, cp)
     N, C, HW = x3.shape
     dt = x.dtype
-    if dy.shape != x.shape:
-        dy = dy.reshape(x.shape, order='F')
-    dy, dy3 = _x3(dy, cp, dt)
-    gv = g.reshape(C).astype(dt, copy=False)
-    if moments is None:
-        mu, sigma = _stats(x3, epsilon)
-        out_moments = cp.stack([mu, sigma], axis=1)
-    else:
-        mu, sigma, out_moments = _split(moments, C, dt, cp)
+    mu, sigma, out_moments = _moments(x3, moments, epsilon, cp)
     M = dt.type(N * HW)
-    db = _channel_sum(k['sum'](dy3, axis=2))
-    dg = _channel_sum(k['dotdev'](dy3, x3, _ch(mu), axis=2)) / sigma
-    G1 = gv / sigma
+    db, dg = _db_dg(dy3, x3, mu, sigma)
+    G1 = _channels(g, C, dt) / sigma
     G2 = G1 * dg / (M * sigma)
     muz = db / M
-    dx3 = k['dx'](dy3, x3, _ch(mu), _ch(G1), _ch(G2), _ch(muz))
+    dx3 = _k()['dx'](dy3, x3, _ch(mu), _ch(G1), _ch(G2), _ch(muz))
     dx = dx3.reshape(N, C, *x.shape[1::-1]).T
     return dx, dg.reshape(g.shape), db.reshape(b.shape), out_moments
 
 
 def bnorm_backward_fixed_moments(x, g, b, dy, moments):
-    """GPU ``bnorm_backward_fixed_moments`` -> ``(dx, dg, db)``."""
+    """GPU ``bnorm_backward_fixed_moments`` -> ``(dx, dg, db)`` (x checked, dy of x's shape)."""
     import cupy as cp
-    k = _k()
-    x, x3 = _x3(x, cp)
+    x, x3, dy3 = _x_dy(x, dy, cp)
     N, C, HW = x3.shape
     dt = x.dtype
-    if dy.shape != x.shape:
-        dy = dy.reshape(x.shape, order='F')
-    dy, dy3 = _x3(dy, cp, dt)
-    mu, sigma, _ = _split(moments, C, dt, cp)
-    db = _channel_sum(k['sum'](dy3, axis=2))
-    dg = _channel_sum(k['dotdev'](dy3, x3, _ch(mu), axis=2)) / sigma
-    dx3 = k['scale'](dy3, _ch(g.reshape(C).astype(dt, copy=False) / sigma))
+    mu, sigma, _ = _split_moments(moments, C, dt, cp)
+    db, dg = _db_dg(dy3, x3, mu, sigma)
+    dx3 = _k()['scale'](dy3, _ch(_channels(g, C, dt) / sigma))
     return dx3.reshape(N, C, *x.shape[1::-1]).T, dg.reshape(g.shape), db.reshape(b.shape)

@@ -1,11 +1,13 @@
 """Shared plumbing of the CuPy (GPU) kernels: compiling a CUDA source once per dtype and
 launching it with a grid-stride loop.
 
-Kernel sources are plain CUDA C written with two macros, so that the *same* text also
+Kernel sources are plain CUDA C written with three macros, so that the *same* text also
 compiles as C++ for the CPU (``-DPD_CPU``), where ``tests/test_gpu_kernels_cpu.py`` runs
 it through ctypes against the numba kernels, on machines without a GPU:
 
 * ``PD_KERNEL``: ``extern "C" __global__`` (CUDA) or ``extern "C"`` (CPU);
+* ``PD_DEVICE``: a helper function called by kernels, ``__device__ __forceinline__``
+  (CUDA) or ``static inline`` (CPU);
 * ``PD_LOOP(i, n)``: a grid-stride loop over ``0 <= i < n`` (``long long i``), a plain
   loop on the CPU.
 
@@ -19,9 +21,11 @@ import numpy as np
 PRELUDE = r'''
 #ifdef PD_CPU
 #define PD_KERNEL extern "C"
+#define PD_DEVICE static inline
 #define PD_LOOP(i, n) for (long long i = 0; i < (long long)(n); ++i)
 #else
 #define PD_KERNEL extern "C" __global__
+#define PD_DEVICE __device__ __forceinline__
 #define PD_LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; \
                            i < (long long)(n); i += (long long)blockDim.x * gridDim.x)
 #endif

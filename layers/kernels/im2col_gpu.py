@@ -18,9 +18,11 @@ kernel's order), so it needs no atomics and is deterministic.
 (a filter covering the whole unpadded input) one GEMM, as on the CPU.
 
 Chunks are sized so that the column buffer stays under ``COL_BYTES`` (the CuPy memory
-pool reuses it from call to call).
+pool reuses it from call to call). Shapes and options are checked, and the output size
+computed, by the CPU path's geometry (:class:`pydagnn.layers.conv._Geom`, which keeps
+CuPy arrays on the device): the same rules and messages on both.
 """
-import numpy as np
+from pydagnn.layers.conv import _cast, _Geom
 
 from . import gpu_common as _g
 
@@ -111,84 +113,6 @@ def col2im(col, dxT, n0, m, g):
     _g.launch(k, m * g.C * g.W * g.H, (col, dxT, _g.i64(n0), _g.i32(m)) + _kargs(g))
 
 
-# --------------------------------------------------------------------------- geometry
-class _Geom:
-    """Checked shapes and options (the GPU twin of ``conv._Geom``; same messages)."""
-
-    def __init__(self, x, w, b, pad, stride, dilate, op):
-        import cupy as cp
-        from pydagnn.layers.conv import parse_pad, parse_pair
-        x = _as4(x, 'x', op, cp)
-        w = _as4(w, 'filters', op, cp)
-        if x.dtype.kind != 'f':
-            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
-        self.dtype = x.dtype
-        self.H, self.W, self.C, self.N = x.shape
-        self.FH, self.FW, self.Cin, self.Cout = w.shape
-        self.pt, self.pb, self.pl, self.pr = parse_pad(pad, op)
-        self.sy, self.sx = parse_pair(stride, 'stride', op)
-        self.ry, self.rx = parse_pair(dilate, 'dilate', op)
-        if min(w.shape) < 1:
-            raise ValueError(f'{op}: empty filter bank, shape {w.shape}')
-        if self.C % self.Cin != 0:
-            raise ValueError(f'{op}: x has {self.C} channels (shape {x.shape}), filters expect '
-                             f'{self.Cin} (shape {w.shape}) or a multiple of it')
-        self.G = self.C // self.Cin
-        if self.Cout % self.G != 0:
-            raise ValueError(f'{op}: grouped convolution: x has {self.C} channels = {self.G} groups of '
-                             f'{self.Cin}, but the {self.Cout} filters (shape {w.shape}) do not divide '
-                             f'into {self.G} groups')
-        self.fhe = (self.FH - 1) * self.ry + 1
-        self.fwe = (self.FW - 1) * self.rx + 1
-        if self.H + self.pt + self.pb < self.fhe or self.W + self.pl + self.pr < self.fwe:
-            raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) are larger '
-                             f'than the padded input: x shape {x.shape}, pad '
-                             f'{[self.pt, self.pb, self.pl, self.pr]}')
-        self.Ho = (self.H + self.pt + self.pb - self.fhe) // self.sy + 1
-        self.Wo = (self.W + self.pl + self.pr - self.fwe) // self.sx + 1
-        self.P = self.Ho * self.Wo
-        self.Kg = self.Cin * self.FW * self.FH
-        self.K = self.C * self.FW * self.FH
-        self.x = cp.asfortranarray(x, dtype=self.dtype)
-        self.w_dtype = w.dtype if w.dtype.kind == 'f' else self.dtype
-        self.w = cp.asfortranarray(w, dtype=self.dtype)
-        self.b = None
-        self.b_dtype = None
-        if b is not None and b.size > 0:
-            if b.size != self.Cout:
-                raise ValueError(f'{op}: bias has {b.size} elements (shape {b.shape}), '
-                                 f'expected {self.Cout} (filters {w.shape})')
-            b = cp.asarray(b)
-            self.b_dtype = b.dtype if b.dtype.kind == 'f' else self.dtype
-            self.b = cp.ascontiguousarray(b.reshape(-1), dtype=self.dtype)
-        nopad = self.pt == self.pb == self.pl == self.pr == 0
-        self.fc = (nopad and self.G == 1 and self.fhe == self.H and self.fwe == self.W
-                   and self.ry == 1 and self.rx == 1)
-        self.pointwise = (nopad and self.G == 1 and self.FH == 1 and self.FW == 1
-                          and self.sy == 1 and self.sx == 1)
-
-    @property
-    def out_shape(self):
-        return (self.Ho, self.Wo, self.Cout, self.N)
-
-    def wmat(self):
-        return self.w.T.reshape(self.Cout, self.Kg)
-
-    def chunk(self):
-        per_image = max(1, self.K * self.P * self.dtype.itemsize)
-        return max(1, min(self.N, COL_BYTES // per_image))
-
-
-def _as4(a, name, op, cp):
-    if not isinstance(a, cp.ndarray):
-        a = cp.asarray(a)
-    if a.ndim > 4:
-        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
-    if a.ndim < 4:
-        a = a.reshape(a.shape + (1,) * (4 - a.ndim), order='F')
-    return a
-
-
 # --------------------------------------------------------------------------- forward
 def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
     """GPU ``conv_forward`` (see :func:`pydagnn.layers.conv.conv_forward`)."""
@@ -206,7 +130,7 @@ def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
     elif g.pointwise:
         cp.matmul(wm, xT.reshape(N, g.C, P), out=yT3)
     else:
-        nc = g.chunk()
+        nc = g.chunk(COL_BYTES)
         col = cp.empty(g.K * nc * P, dtype=g.dtype)
         tmp = cp.empty(Cout * nc * P, dtype=g.dtype)
         Cog, Kg = Cout // g.G, g.Kg
@@ -237,11 +161,7 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
     """GPU ``conv_backward``: ``(dx, dw, db)`` (see :func:`pydagnn.layers.conv.conv_backward`)."""
     import cupy as cp
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_backward')
-    dy = _as4(dy, 'dy', 'conv_backward', cp)
-    if dy.shape != g.out_shape:
-        raise ValueError(f'conv_backward: dy has shape {dy.shape}, expected {g.out_shape} '
-                         f'(x {g.x.shape}, filters {g.w.shape})')
-    dy = cp.asfortranarray(dy, dtype=g.dtype)
+    dy = g.dy(dy, 'conv_backward')
     N, P, Cout = g.N, g.P, g.Cout
     dx = cp.empty(g.x.shape, dtype=g.dtype, order='F')
     dw = cp.empty(g.w.shape, dtype=g.dtype, order='F')
@@ -268,7 +188,7 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
         cp.matmul(cp.ascontiguousarray(wm.T), dyT3, out=dxT.reshape(N, g.C, P))
         dwm[...] = cp.tensordot(dyT3, x3, axes=([0, 2], [0, 2]))
     else:
-        nc = g.chunk()
+        nc = g.chunk(COL_BYTES)
         Cog, Kg = Cout // g.G, g.Kg
         col = cp.empty(g.K * nc * P, dtype=g.dtype)
         dbuf = cp.empty(Cout * nc * P, dtype=g.dtype)
@@ -297,7 +217,3 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
                     c[ks] = cp.matmul(wm[rs].T, d[rs])
             col2im(c, dxT, n0, m, g)
     return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
-
-
-def _cast(a, dtype):
-    return None if a is None else a.astype(dtype, copy=False)

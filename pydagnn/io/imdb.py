@@ -37,12 +37,12 @@ import pickle
 import re
 import tempfile
 import threading
-import time
 import zlib
 
 import numpy as np
 
 from .errors import MatFileError
+from .matfile import _CLASS_OF_DTYPE, _matlab_header, _ref_name
 
 __all__ = ['MatStruct', 'Imdb', 'ImageArray', 'MatFileError', 'load_imdb', 'save_imdb',
            'ImdbWriter', 'RgbStats', 'convert_imagenet64', 'repack_imdb', 'synth_imdb',
@@ -942,28 +942,7 @@ def load_imdb(path):
 #                                                                writing MATLAB v7.3 files
 # ---------------------------------------------------------------------------------------
 
-_CLASS_OF_DTYPE = {np.dtype(np.float64): 'double', np.dtype(np.float32): 'single',
-                   np.dtype(np.int8): 'int8', np.dtype(np.uint8): 'uint8',
-                   np.dtype(np.int16): 'int16', np.dtype(np.uint16): 'uint16',
-                   np.dtype(np.int32): 'int32', np.dtype(np.uint32): 'uint32',
-                   np.dtype(np.int64): 'int64', np.dtype(np.uint64): 'uint64'}
 _COMPACT_MAX = 16 * 1024    # MATLAB keeps small arrays in the object header (compact layout)
-
-
-def _mat73_header():
-    stamp = time.strftime('%a %b %d %H:%M:%S %Y', time.gmtime())
-    text = f'MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: {stamp} HDF5 schema 1.00 .'
-    # 116 bytes of text, 8 bytes of subsystem offset, version 0x0200, endian 'IM'
-    return text.encode('ascii').ljust(116, b' ') + b'\x00' * 8 + b'\x00\x02' + b'IM'
-
-
-def _cell_name(i):
-    s = ''
-    while True:
-        s = chr(ord('a') + i % 26) + s
-        i //= 26
-        if i == 0:
-            return s
 
 
 class _H5MatWriter:
@@ -1079,7 +1058,7 @@ class _H5MatWriter:
         refs_g = self.refs_group()
         refs = []
         for v in items:
-            rname = _cell_name(self._nref)
+            rname = _ref_name(self._nref)
             self._nref += 1
             d = self.write_value(refs_g, rname, v, h5path=f'/#refs#/{rname}')
             refs.append(d.ref)
@@ -1293,7 +1272,7 @@ class ImdbWriter:
                 self._mw.write_value(g, name, v)
             self._mw.write_struct(self._f, 'meta', _check_meta(self.meta))
             self._f.close()
-            _publish(self._tmp, self.path, _mat73_header())
+            _publish(self._tmp, self.path, _matlab_header())
             self._done = True
         except BaseException:
             self.abort()

@@ -857,12 +857,23 @@ _CLASS_OF_DTYPE = {
 
 
 def _matlab_header():
+    """The 128 bytes MATLAB writes at the start of a v7.3 file's 512-byte userblock."""
     platform = {'win32': 'PCWIN64', 'darwin': 'MACI64'}.get(sys.platform, 'GLNXA64')
     text = (f'MATLAB 7.3 MAT-file, Platform: {platform}, '
             f'Created on: {time.strftime("%a %b %d %H:%M:%S %Y")} HDF5 schema 1.00 .').encode('ascii')
     text = text[:116].ljust(116, b' ')
     # 8 bytes of subsystem data offset (none), version 0x0200, endian indicator 'IM'
     return text + b'\x00' * 8 + b'\x00\x02' + b'IM'
+
+
+def _ref_name(n):
+    """The name of the ``n``-th member of ``#refs#``: MATLAB's 'a', 'b', ..., 'z', 'ba', ..."""
+    s = ''
+    while True:
+        s = chr(ord('a') + n % 26) + s
+        n //= 26
+        if n == 0:
+            return s
 
 
 class _H5Writer:
@@ -880,22 +891,12 @@ class _H5Writer:
         self.scalar_space = h5py.h5s.create(h5py.h5s.SCALAR)
         self.str_types = {}
 
-    def _ref_name(self):
-        # MATLAB names the members of #refs# 'a', 'b', ..., 'z', 'ba', ...
-        n = self.count
-        self.count += 1
-        s = ''
-        while True:
-            s = chr(ord('a') + n % 26) + s
-            n //= 26
-            if n == 0:
-                return s
-
     def _ref(self, value, where):
         h5py = self.h5py
         if self.refs is None:
             self.refs = h5py.h5g.create(self.fid, b'#refs#')
-        name = self._ref_name()
+        name = _ref_name(self.count)
+        self.count += 1
         self.write(self.refs, name, value, where)
         return h5py.h5r.create(self.refs, name.encode('ascii'), h5py.h5r.OBJECT)
 
