@@ -278,30 +278,16 @@ def _momentum_from_mat(net, state):
 
 def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None):
     """Write ``net`` (its saveobj struct), ``state`` (``momentum`` as a 1 x P cell array
-    in param order, and the last epoch's ``stats``) and ``stats`` to ``path`` (MATLAB v7)
-    via a temporary file in the same folder, flushed to disk and renamed: a crash leaves
-    either the old file or the complete new one."""
+    in param order, and the last epoch's ``stats``) and ``stats`` to ``path`` (MATLAB v7).
+    ``save_matconvnet`` writes atomically (a temporary file beside ``path``, flushed and
+    renamed): a crash leaves either the old file or the complete new one."""
     from .io.matconvnet import save_matconvnet
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.{os.path.basename(path)[:-4]}.tmp-{os.getpid()}.mat')
     extra = {'state': _state_to_mat(net, state, save_momentum, last_stats), 'stats': _stats_to_mat(stats)}
     moved = net.device == 'gpu'
     try:
         if moved:
             net.move('cpu')
-        save_matconvnet(net, tmp, version='7', extra=extra)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+        save_matconvnet(net, path, version='7', extra=extra)
     finally:
         if moved:
             net.move('gpu')

@@ -15,12 +15,11 @@ ordinary HDF5 datasets that MATLAB, h5py and ``load_imdb`` read.
 """
 import os
 import re
-import tempfile
 
 import numpy as np
 
 from .imdb import ImageArray
-from .matfile import _CLASS_OF_DTYPE, _matlab_header, _ref_name
+from .matfile import _CLASS_OF_DTYPE, _matlab_header, _ref_name, discard, publish, tmp_beside
 
 __all__ = ['ImdbWriter', 'save_imdb']
 
@@ -202,41 +201,6 @@ def _plain_value(value):
     return value
 
 
-def _umask():
-    try:
-        with open('/proc/self/status') as fh:
-            for line in fh:
-                if line.startswith('Umask:'):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _tmp_name(path):
-    """A new empty file beside ``path``, with the mode a plain ``open(path, 'w')`` gives
-    (mkstemp's 0600 would otherwise end up on the published file)."""
-    d, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=d)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())
-    except OSError:
-        pass
-    return tmp
-
-
-def _publish(tmp, path, header=None):
-    with open(tmp, 'r+b') as fh:
-        if header is not None:
-            fh.write(header)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _check_meta(meta):
     if meta is None:
         meta = {}
@@ -287,7 +251,7 @@ class ImdbWriter:
         self.count = 0
         self._labels = np.zeros(self.num_images, np.float64)
         self._set = np.zeros(self.num_images, np.float64)
-        self._tmp = _tmp_name(self.path)
+        self._tmp = tmp_beside(self.path)
         self._done = False
         try:
             self._f = h5py.File(self._tmp, 'w', libver='earliest', userblock_size=512)
@@ -362,7 +326,7 @@ class ImdbWriter:
                 self._mw.write_value(g, name, v)
             self._mw.write_struct(self._f, 'meta', _check_meta(self.meta))
             self._f.close()
-            _publish(self._tmp, self.path, _matlab_header())
+            publish(self._tmp, self.path, _matlab_header())
             self._done = True
         except BaseException:
             self.abort()
@@ -377,10 +341,7 @@ class ImdbWriter:
                 f.close()
             except Exception:
                 pass
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        discard(self._tmp)
 
     def __enter__(self):
         return self
@@ -464,14 +425,11 @@ def save_imdb(path, data, labels, set, meta=None, version='7.3', layout='contigu
     mdict = {'images': {'data': arr, 'labels': labels.astype(np.float64).reshape(1, -1),
                         'set': sets.astype(np.float64).reshape(1, -1)},
              'meta': _to_scipy(meta)}
-    tmp = _tmp_name(path)
+    tmp = tmp_beside(path)
     try:
         scipy.io.savemat(tmp, mdict, format='5', do_compression=True, oned_as='row')
-        _publish(tmp, path)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        discard(tmp)
         raise
     return path

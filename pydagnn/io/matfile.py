@@ -772,39 +772,66 @@ def write_mat(path, variables, version='7', compress=True):
 
 
 def _umask():
+    """The process umask, read without changing it where /proc allows (threads)."""
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        return mask
-    except Exception:  # pragma: no cover
-        return 0o022
+        with open('/proc/self/status') as fh:
+            for line in fh:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
-_UMASK = _umask()
-
-
-def _atomic_write(path, write):
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MatFileError(path, None, f'the folder {folder} does not exist')
+def tmp_beside(path):
+    """A new empty temporary file in ``path``'s folder, with the mode the published file
+    should have: that of the file it replaces, else what ``open(path, 'w')`` would give
+    (mkstemp's 0600 would otherwise end up on the published file)."""
     try:
         mode = os.stat(path).st_mode & 0o777
     except OSError:
-        mode = 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+        mode = 0o666 & ~_umask()
+    d, base = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=d)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, 'rb+') as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+    except OSError:
+        pass
+    return tmp
+
+
+def publish(tmp, path, header=None):
+    """Write ``header`` at the start of ``tmp`` (the MATLAB userblock), fsync, and rename
+    it onto ``path``: readers see the old file or the whole new one, never a part."""
+    with open(tmp, 'r+b') as fh:
+        if header is not None:
+            fh.write(header)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def discard(tmp):
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+
+
+def _atomic_write(path, write):
+    """``write(tmp)`` into a temporary file beside ``path``, then :func:`publish` it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MatFileError(path, None, f'the folder {folder} does not exist')
+    tmp = tmp_beside(path)
+    try:
+        write(tmp)
+        publish(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+        discard(tmp)
         raise
 
 
