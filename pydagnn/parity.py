@@ -18,6 +18,8 @@ import sys
 import numpy as np
 import scipy.io
 
+from .testing import rel_err
+
 #: group -> tolerance (relative error), the parity issue's tiers
 TIERS = {
     'forward': 1e-4,          # prediction, objective, intermediates, H_x/gating/Balance_loss
@@ -28,16 +30,6 @@ TIERS = {
 }
 
 _HEAD = re.compile(r'^(prediction_[fb]|fusion_bn_bn_[wb]|gating_w|gating_noise_w)$')
-
-
-def rel_err(a, b):
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.size != b.size:
-        raise ValueError(f'size mismatch: {a.shape} vs {b.shape}')
-    a = a.reshape(b.shape, order='F')
-    nb = np.linalg.norm(b.ravel())
-    return float(np.linalg.norm((a - b).ravel()) / nb) if nb > 0 else float(np.linalg.norm(a.ravel()))
 
 
 def der_group(param_name):

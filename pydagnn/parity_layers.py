@@ -40,7 +40,7 @@ from .layers.loss import Loss, loss_backward, loss_forward
 from .layers.pool import Pooling, pool_backward, pool_forward
 from .layers.relu import ReLU, relu_backward, relu_forward
 from .layers.softmax import SoftMax, softmax_backward, softmax_forward
-from .parity import rel_err
+from .testing import rel_err
 
 #: tolerance (relative error) of the float32 layer fixtures
 TOL = 1e-5

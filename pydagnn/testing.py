@@ -37,14 +37,16 @@ def load_fixture(name):
 
 
 def rel_err(a, b):
-    """``||a - b|| / ||b||`` in float64 (the absolute norm when b is zero).
-    ``a`` is reshaped (column-major) to ``b``'s shape when only the sizes agree."""
+    """``||a - b|| / ||b||`` in float64, as a Python float (the absolute norm
+    ``||a||`` when b is zero). ``a`` is reshaped (column-major) to ``b``'s shape when only
+    the sizes agree; different sizes raise a ValueError. The one definition the tests
+    and the parity reports (:mod:`pydagnn.parity`, :mod:`pydagnn.parity_layers`) use."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.size != b.size:
-        raise AssertionError(f'size mismatch: {a.shape} vs {b.shape}')
+        raise ValueError(f'size mismatch: {a.shape} vs {b.shape}')
     if a.shape != b.shape:
         a = a.reshape(b.shape, order='F')
     nb = np.linalg.norm(b.ravel())
     d = np.linalg.norm((a - b).ravel())
-    return d / nb if nb > 0 else d
+    return float(d / nb) if nb > 0 else float(d)
