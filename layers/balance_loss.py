@@ -76,4 +76,5 @@ class Balance_loss(Layer):
         return [balance_loss_backward(s, self._w(), rsd, w_sum)], []
 
     def get_output_sizes(self, input_sizes):
-        return [None]
+        """``[(1, 1)]``: the loss, the value's first element."""
+        return [(1, 1)]

@@ -12,24 +12,19 @@ gating var's derivative.
 
 A CM without images contributes nothing: no value left over from an earlier eval is
 used (the original's defect; SPEC 4). Vectorised per CM: the images of CM i are found
-from the mask with one argsort (no host round trip, no loop over images).
+from the gate's :class:`pydagnn.routing.RouteIndex`: the one argsort per step that the
+engine's routing also uses (no host round trip, no loop over images).
 """
 import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.routing import route_index, route_order
+
+#: kept under its old name: the (K, N) argsort of :func:`pydagnn.routing.route_order`
+routed_indices = route_order
 
 __all__ = ['routed_indices', 'cm_out_forward', 'cm_out_backward', 'CM_out']
-
-
-def routed_indices(mask):
-    """``(K, N)`` int array whose row i starts with the batch indices of the images that
-    CM i receives, in batch order (row i, first ``mask[i].sum()`` entries)."""
-    xp = get_array_module(mask)
-    K, N = mask.shape
-    ar = xp.arange(N)
-    keys = xp.where(mask, ar[None, :], N + ar[None, :])   # unique keys: one sort, any kind
-    return xp.argsort(keys, axis=1)
 
 
 def _counts(ys, K, op):
@@ -63,8 +58,9 @@ def _dim(ys, default, op):
     return dims.pop() if dims else int(np.asarray(default).ravel()[0])
 
 
-def cm_out_forward(sfm, mask, ys, hdim=None):
-    """Weighted fusion; see the module docstring. ``hdim``: D' when no CM has an image."""
+def cm_out_forward(sfm, mask, ys, hdim=None, order=None):
+    """Weighted fusion; see the module docstring. ``hdim``: D' when no CM has an image.
+    ``order``: the mask's :func:`~pydagnn.routing.route_order` when the caller has it."""
     xp = get_array_module(sfm)
     K, N = sfm.shape
     mask = mask.astype(bool, copy=False)
@@ -72,7 +68,8 @@ def cm_out_forward(sfm, mask, ys, hdim=None):
     _check_routing(mask, n, 'CM_out')
     D = _dim(ys, hdim if hdim is not None else 0, 'CM_out')
     z = xp.zeros((D, N), dtype=sfm.dtype)
-    order = routed_indices(mask)
+    if order is None:
+        order = route_order(mask)
     for i, y in enumerate(ys):
         if n[i] == 0:
             continue
@@ -81,8 +78,9 @@ def cm_out_forward(sfm, mask, ys, hdim=None):
     return xp.asfortranarray(z).reshape(1, 1, D, N, order='F')
 
 
-def cm_out_backward(sfm, mask, ys, dz):
-    """``(d sfm K x N, [dy_1 or None, ..., dy_K or None])``."""
+def cm_out_backward(sfm, mask, ys, dz, order=None):
+    """``(d sfm K x N, [dy_1 or None, ..., dy_K or None])``; ``order`` as in
+    :func:`cm_out_forward`."""
     xp = get_array_module(sfm)
     K, N = sfm.shape
     mask = mask.astype(bool, copy=False)
@@ -93,7 +91,8 @@ def cm_out_backward(sfm, mask, ys, dz):
     dz2 = dz.reshape(D, N, order='F')
     ds = xp.zeros((K, N), dtype=sfm.dtype)
     dys = []
-    order = routed_indices(mask)
+    if order is None:
+        order = route_order(mask)
     for i, y in enumerate(ys):
         if n[i] == 0:
             dys.append(None)
@@ -116,15 +115,22 @@ class CM_out(Layer):
 
     def forward(self, inputs, params):
         g = inputs[0]
-        return [cm_out_forward(g[0], g[1], list(inputs[1:]), self.hdim)]
+        return [cm_out_forward(g[0], g[1], list(inputs[1:]), self.hdim, route_index(g).order)]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
         dz = der_outputs[0]
         if dz is None:
             return [None] * len(inputs), []
         g = inputs[0]
-        ds, dys = cm_out_backward(g[0], g[1], list(inputs[1:]), dz)
+        ds, dys = cm_out_backward(g[0], g[1], list(inputs[1:]), dz, route_index(g).order)
         return [ds] + dys, []
 
     def get_output_sizes(self, input_sizes):
-        return [None]
+        """``[(1, 1, D', N)]``: N from the gate (``K x N``), D' from the CM outputs
+        (``hdim`` when none is known)."""
+        gate = input_sizes[0] if input_sizes else None
+        if gate is None:
+            return [None]
+        dims = [int(s[2]) for s in input_sizes[1:] if s is not None and len(s) == 4]
+        D = dims[0] if dims else int(np.asarray(self.hdim).ravel()[0])
+        return [(1, 1, D, int(gate[-1]))]

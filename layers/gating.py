@@ -35,7 +35,7 @@ Backward: ``dH = s .* (dS - sum(dS .* s))`` per image (0 where s is 0).
 
 On the GPU a forward makes one device-to-host read: the per-CM counts of the final
 mask together with the all-tie flag (one small array). The counts travel with the
-output value (:class:`GateValue`, a tuple with a ``counts`` attribute), and the engine
+output value (:class:`pydagnn.routing.GateValue`, a tuple with a ``counts`` attribute), and the engine
 routes the CMs with them, so a training step needs no other read. Everything else stays
 on the device.
 """
@@ -43,24 +43,10 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.routing import GateValue  # the gate format lives with the engine's routing
 
 __all__ = ['softplus', 'hx_forward', 'hx_backward', 'topk_mask', 'gating_forward',
            'gating_backward', 'GateValue', 'H_x', 'gating']
-
-
-class GateValue(tuple):
-    """The ``gating`` var's value: the plain tuple ``(sfm, mask, masked_H, None, None,
-    cm_sums)`` plus ``counts``, the number of images each CM receives (a host NumPy
-    int64 array of K entries, or None), which the engine uses to route without reading
-    the mask back from the device."""
-
-    def __new__(cls, items, counts=None):
-        self = super().__new__(cls, items)
-        self.counts = counts
-        return self
-
-    def __reduce__(self):            # pickles (and deep-copies) as a GateValue
-        return (GateValue, (tuple(self), self.counts))
 
 
 def _first(v):
@@ -247,7 +233,12 @@ class H_x(Layer):
         return [dx], [dwg, dwn]
 
     def get_output_sizes(self, input_sizes):
-        return [None]
+        """``[(K, N)]`` (the size of H, the value's first element); K from ``size``."""
+        s = input_sizes[0] if input_sizes else None
+        size = np.asarray(self.size).ravel()
+        if s is None or size.size != 2:
+            return [None]
+        return [(int(size[1]), int(s[-1]))]
 
     def init_params(self, rng, dtype=np.float32):
         size = [int(v) for v in np.asarray(self.size).ravel()]
@@ -284,4 +275,9 @@ class gating(Layer):
         return [dH], []
 
     def get_output_sizes(self, input_sizes):
-        return [None]
+        """``[(K, N)]``: sfm, the value's first element, is shaped like the scores."""
+        s = input_sizes[0] if input_sizes else None
+        if s is None:
+            return [None]
+        s = tuple(int(v) for v in s)
+        return [s if len(s) == 2 else (int(np.prod(s[:-1])), s[-1])]

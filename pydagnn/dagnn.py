@@ -1,26 +1,18 @@
 """DagNN: MatConvNet's directed-acyclic-graph network container, in Python.
 
 The tables ``layers``, ``vars`` and ``params`` and their fields are MatConvNet's
-(``dagnn.DagNN``), with Python names. ``eval`` runs the layers forward in
-``execution_order`` and, when derivatives are asked for, backward in reverse,
-accumulating into ``vars[i].der`` and ``params[i].der``.
-
-Differences from the original, on purpose (see SPEC.md, "known defects"):
-  * every ``eval`` starts from clean values and derivatives, so results never depend
-    on an earlier evaluation (the original concatenates stale CM values);
-  * parameter derivatives not computed in an ``eval`` are ``None`` afterwards (unless
-    ``accumulate_param_ders``), so a step never re-applies an old derivative;
-  * derivatives do not depend on ``conserve_memory``.
+(``dagnn.DagNN``), with Python names. This module keeps the tables, their building
+(add / remove / rename), look-ups, the execution order, ``move`` and the sizes
+(``get_var_sizes``, ``summary``: shapes only, no forward pass). Running the net --
+``eval``, forward and backward, memory, routing -- is :mod:`pydagnn.executor`'s job;
+``DagNN.eval`` delegates to it.
 """
-import time
-
 import numpy as np
 
 from . import backend
+from .executor import EvalError, Executor, first, shape_str
 
-
-class EvalError(ValueError):
-    """A failure inside ``DagNN.eval``; the message names the layer, its type and shapes."""
+__all__ = ['DagNN', 'EvalError', 'Var', 'Param', 'LayerEntry']
 
 
 class Var:
@@ -36,7 +28,7 @@ class Var:
         self.precious = precious
 
     def __repr__(self):
-        return f'Var({self.name!r}, value={_shape_str(self.value)}, der={_shape_str(self.der)})'
+        return f'Var({self.name!r}, value={shape_str(self.value)}, der={shape_str(self.der)})'
 
 
 class Param:
@@ -53,7 +45,7 @@ class Param:
         self.weight_decay = 1.0
 
     def __repr__(self):
-        return (f'Param({self.name!r}, value={_shape_str(self.value)}, method={self.train_method}, '
+        return (f'Param({self.name!r}, value={shape_str(self.value)}, method={self.train_method}, '
                 f'lr={self.learning_rate}, wd={self.weight_decay})')
 
 
@@ -84,69 +76,35 @@ class LayerEntry:
                 f'params={self.params}' + (f', route={self.route}' if self.route else '') + ')')
 
 
+def _ints(v):
+    """A tuple of ints from a size (list, array); () when it is not one."""
+    try:
+        return tuple(int(d) for d in np.asarray(v, dtype=np.float64).reshape(-1))
+    except (TypeError, ValueError):
+        return ()
+
+
+def _name_size_pairs(m):
+    """``[(name, size ints)]`` from MatConvNet's ``meta.inputs`` forms: a struct
+    (dict) or struct array (list of dicts) with ``name`` and ``size``, or a flat
+    ``{name, size, name, size, ...}`` cell (list)."""
+    if isinstance(m, dict):
+        m = [m]
+    if not isinstance(m, (list, tuple)) or not m:
+        return []
+    if all(isinstance(e, dict) for e in m):
+        return [(e.get('name'), _ints(e.get('size'))) for e in m if isinstance(e.get('name'), str)]
+    if len(m) % 2 == 0 and all(isinstance(n, str) for n in m[0::2]):
+        return [(n, _ints(v)) for n, v in zip(m[0::2], m[1::2])]
+    return []
+
+
 def _names(x):
     if x is None:
         return []
     if isinstance(x, str):
         return [x]
     return [str(n) for n in x]
-
-
-def _shape_str(v):
-    if v is None:
-        return 'None'
-    if isinstance(v, tuple):
-        return '(' + ', '.join(_shape_str(e) for e in v) + ')'
-    shape = getattr(v, 'shape', None)
-    if shape is None:
-        return type(v).__name__
-    return 'x'.join(str(s) for s in shape) + f' {getattr(v, "dtype", "")}'
-
-
-def _pairs(arg, what):
-    """Accept {'name': value} or MatConvNet's flat ['name', value, ...]."""
-    if arg is None:
-        return {}
-    if isinstance(arg, dict):
-        return dict(arg)
-    arg = list(arg)
-    if len(arg) % 2:
-        raise ValueError(f'{what}: a flat list must alternate names and values, got {len(arg)} items')
-    out = {}
-    for name, value in zip(arg[0::2], arg[1::2]):
-        if not isinstance(name, str):
-            raise ValueError(f'{what}: expected a var name at an even position, got {name!r}')
-        out[name] = value
-    return out
-
-
-def _first(v):
-    """The array of a var value; the first element of a tuple-valued (cell) var."""
-    return v[0] if isinstance(v, tuple) else v
-
-
-def _noop():
-    pass
-
-
-def _gather_images(x, idx):
-    """Images ``idx`` (last axis) of an ``H x W x C x N`` map, Fortran-contiguous when x
-    is: with Fortran order each image is a contiguous block, so this is a row gather of
-    the C-order ``.T`` view (one kernel on the GPU)."""
-    if x.ndim == 0:
-        return x
-    return x.T[idx].T
-
-
-def _move_block_state(block, device):
-    """Move the NumPy / CuPy arrays among a block's plain (transient, not stored)
-    attributes to ``device``; stored properties (``size``, ``pad``, ...) stay on the host."""
-    stored = getattr(block, 'properties', {})
-    for name, val in list(vars(block).items()):
-        if name == 'net' or name in stored:
-            continue
-        if isinstance(val, np.ndarray) or backend.is_gpu_array(val):
-            setattr(block, name, backend.to_device(val, device))
 
 
 class DagNN:
@@ -171,9 +129,11 @@ class DagNN:
         self.computing_derivative = False
         self._order = None
         self._pending_order = None
-        self._sizing = False
-        self._routes = {}
-        self._route_cache = {}
+        self._route_sig = None
+        #: runs ``eval`` (:class:`pydagnn.executor.Executor`); its ``routes`` and
+        #: ``route_indexes`` describe the last eval, its ``after_backward_hooks`` run
+        #: once the param derivatives of a backward are complete
+        self.executor = Executor(self)
         #: on the GPU, synchronise the device around every layer call so that the
         #: per-layer ``forward_time`` / ``backward_time`` measure the layer's GPU work
         #: (for profiling; it serialises the host and the device, so leave it off
@@ -355,7 +315,7 @@ class DagNN:
 
     def _rebuild(self):
         routes = tuple(l.route for l in self.layers)
-        if routes != getattr(self, '_route_sig', None):
+        if routes != self._route_sig:
             self._route_sig = routes
             self._dirty = True
             if self._order is not None:  # keep a custom order if it stays valid
@@ -450,9 +410,9 @@ class DagNN:
     def move(self, device):
         """Move params to 'cpu' (NumPy) or 'gpu' (CuPy); var values are cleared.
 
-        Blocks follow: a block's ``move(device)`` hook is called when it has one, else
-        every NumPy / CuPy array among its plain attributes (a dropout mask, the loss
-        average, fixed H_x noise) is moved. ``move('gpu')`` raises a RuntimeError that
+        Blocks follow through their ``move(device)`` hook (:meth:`pydagnn.layer.Layer.move`:
+        by default every NumPy / CuPy array among the block's plain attributes, such as
+        a dropout mask, the loss average or fixed H_x noise, is moved). ``move('gpu')`` raises a RuntimeError that
         says why when CuPy or a CUDA device is missing (nothing is changed then).
         The optimizer's momentum lives outside the net (``cnn_train_dag``'s state);
         :func:`pydagnn.train.accumulate_gradients` moves it to the param's device."""
@@ -466,12 +426,8 @@ class DagNN:
             p.value = backend.to_device(p.value, device)
             p.der = backend.to_device(p.der, device)
         for l in self.layers:
-            hook = getattr(l.block, 'move', None)
-            if hook is not None:
-                hook(device)
-            else:
-                _move_block_state(l.block, device)
-        self._route_cache = {}
+            l.block.move(device)
+        self.executor.route_indexes = {}
         self.device = device
 
     def num_params(self, include_moments=False):
@@ -481,317 +437,111 @@ class DagNN:
 
     # ------------------------------------------------------------------ eval
     def eval(self, inputs, der_outputs=None):
-        """Forward (and backward when ``der_outputs`` is given).
+        """Forward (and backward when ``der_outputs`` is given); see :mod:`pydagnn.executor`.
 
         inputs: ``{'input': x, 'label': y}`` or MatConvNet's ``['input', x, 'label', y]``.
         der_outputs: ``{'objective': 1.0}`` or ``['objective', 1]``: the derivative
         projected on each named output var.
         """
-        self._rebuild()
-        inputs = _pairs(inputs, 'eval inputs')
-        der_outputs = _pairs(der_outputs, 'eval der_outputs') if der_outputs is not None else None
-        self.computing_derivative = bool(der_outputs)
-        self._check_names(inputs, der_outputs)
-        for v in self.vars:
-            v.value = v.der = None
-        if not self.accumulate_param_ders:
-            for p in self.params:
-                p.der = None
-        for name, value in inputs.items():
-            self.vars[self._var_map[name]].value = self._to_net_device(value)
-        skipped = self._forward()
-        if der_outputs:
-            self._seed_derivatives(der_outputs)
-            self._backward(skipped)
+        self.executor.eval(inputs, der_outputs)
 
-    def _to_net_device(self, x):
-        if self.device == 'gpu' and isinstance(x, np.ndarray):
-            return backend.to_device(x, 'gpu')
-        return x
-
-    def _check_names(self, inputs, der_outputs):
-        for name in inputs:
-            if name not in self._var_map:
-                raise KeyError(f'eval: input {name!r} is not a var of this net; '
-                               f'its inputs are {self.get_inputs()}')
-        for name in der_outputs or {}:
-            if name not in self._var_map:
-                raise KeyError(f'eval: der_outputs names {name!r}, which is not a var of this net; '
-                               f'its outputs are {self.get_outputs()}')
-
-    def _forward(self):
-        pending = [v.fanout for v in self.vars]
-        free = self.conserve_memory and not self.computing_derivative
-        # with derivatives, conserve_memory still frees a var after its last forward
-        # consumer when no backward reads it: no consumer's (the block says so with
-        # ``backward_needs_inputs = False``) and not its producer's (the block says so
-        # with ``backward_needs_outputs = False``). MatConvNet's ReLU short circuit,
-        # generalised: conv -> BN -> ReLU keeps the conv output and the ReLU output only.
-        keep = [False] * len(self.vars)
-        if self.conserve_memory and self.computing_derivative:
-            for l in self.layers:
-                if getattr(l.block, 'backward_needs_inputs', True):
-                    for i in l.input_indexes:
-                        keep[i] = True
-                if getattr(l.block, 'backward_needs_outputs', True):
-                    for i in l.output_indexes:
-                        keep[i] = True
-        else:
-            keep = [not free] * len(self.vars)
-        skipped = set()
-        self._routes = {}
-        self._route_cache = {}
-        sync = self._timing_sync()
-        for li in self._order:
-            layer = self.layers[li]
-            ins = self._layer_inputs(layer, skipped)
-            if ins is None:
-                skipped.add(li)
-                for o in layer.output_indexes:
-                    self.vars[o].value = None
-                continue
-            pars = [self.params[i].value for i in layer.param_indexes]
-            sync()
-            t0 = time.perf_counter()
-            outs = self._call(layer, 'forward', ins, pars)
-            sync()
-            layer.forward_time = time.perf_counter() - t0
-            if not isinstance(outs, (list, tuple)) or len(outs) != len(layer.outputs):
-                raise EvalError(f'layer {layer.name!r} ({layer.type}) returned '
-                                f'{len(outs) if isinstance(outs, (list, tuple)) else type(outs).__name__} '
-                                f'outputs, it declares {len(layer.outputs)}: {layer.outputs}')
-            for o, val in zip(layer.output_indexes, outs):
-                self.vars[o].value = self._select_all(o, val) if self._sizing else val
-            for i in layer.input_indexes:
-                pending[i] -= 1
-                if pending[i] == 0 and not keep[i] and not self.vars[i].precious:
-                    self.vars[i].value = None
-        return skipped
-
-    def _select_all(self, var_index, value):
-        """In :meth:`get_var_sizes`, a gate var selects every image for every component,
-        so that every routed branch runs on the whole batch and reports its size."""
-        name = self.vars[var_index].name
-        if isinstance(value, tuple) and len(value) > 1 and any(
-                l.route and l.route[0] == name for l in self.layers):
-            xp = backend.get_array_module(value[1])
-            return (value[0], xp.ones(value[1].shape, dtype=bool)) + tuple(value[2:])
-        return value
-
-    def _layer_inputs(self, layer, skipped):
-        """The input values of a layer, routed if it has a route; None = skip the layer
-        (a routed layer that no image selects, or one fed only by skipped layers)."""
-        ins = []
-        missing = []
-        for name, i in zip(layer.inputs, layer.input_indexes):
-            val = self.vars[i].value
-            if val is None:
-                if self._skipped_var(i, skipped):
-                    missing.append(name)
-                else:
-                    raise EvalError(self._no_value_message(layer, name, i))
-            ins.append(val)
-        if missing and not getattr(layer.block, 'accepts_missing_inputs', False):
-            return None
-        if layer.route is not None and ins:
-            idx = self._route_index(layer)
-            if idx is None or len(idx) == 0:
-                self._routes[layer.name] = idx
-                return None
-            self._routes[layer.name] = idx
-            ins[0] = _gather_images(ins[0], idx)
-        return ins
-
-    def _route_index(self, layer):
-        """The batch indices (in batch order) of the images the layer's gate selects for
-        its component: a device array on the GPU. All components of one gate are
-        resolved together, once per eval: one argsort of the mask on the device and
-        the per-component counts on the host, taken from the gate value's ``counts``
-        when the gating block provides them (it reads them with its own single
-        device-to-host transfer), else fetched here in one transfer."""
-        gate_name, k = layer.route
-        cached = self._route_cache.get(gate_name)
-        if cached is None:
-            gate = self.get_var(gate_name).value
-            if not isinstance(gate, tuple) or len(gate) < 2:
-                raise EvalError(f'layer {layer.name!r} is routed by var {gate_name!r}, whose value is '
-                                f'{_shape_str(gate)}; expected the gating tuple (weights, mask, ...)')
-            mask = gate[1]
-            xp = backend.get_array_module(mask)
-            mask = mask.astype(bool, copy=False)
-            if mask.ndim != 2:
-                mask = mask.reshape(mask.shape[0], -1)
-            counts = getattr(gate, 'counts', None)
-            if counts is None:
-                counts = backend.to_host(mask.sum(axis=1))
-            counts = [int(c) for c in np.asarray(counts).reshape(-1)]
-            K, N = mask.shape
-            ar = xp.arange(N)
-            keys = xp.where(mask, ar[None, :], N + ar[None, :])   # selected first, in batch order
-            order = xp.argsort(keys, axis=1)
-            cached = self._route_cache[gate_name] = (order, counts)
-        order, counts = cached
-        i = int(k) - 1
-        if not 0 <= i < len(counts):
-            raise EvalError(f'layer {layer.name!r} is routed to component {k} of var {gate_name!r}, '
-                            f'whose mask has {len(counts)} rows')
-        return order[i, :counts[i]]
-
-    def _skipped_var(self, var_index, skipped):
-        for li in skipped:
-            if var_index in self.layers[li].output_indexes:
-                return True
-        return False
-
-    def _no_value_message(self, layer, name, i):
-        v = self.vars[i]
-        if v.fanin == 0:
-            return (f'layer {layer.name!r} ({layer.type}) needs var {name!r}, which no layer produces '
-                    f'and eval was not given; give it in inputs (net inputs: {self.get_inputs()})')
-        return (f'layer {layer.name!r} ({layer.type}) needs var {name!r}, which has no value at this '
-                f'point (freed or not yet computed)')
-
-    def _call(self, layer, method, *args):
-        try:
-            with np.errstate(over='ignore'):
-                return getattr(layer.block, method)(*args)
-        except EvalError:
-            raise
-        except Exception as e:
-            ins = ', '.join(f'{n}: {_shape_str(v)}' for n, v in zip(layer.inputs, args[0]))
-            pars = ', '.join(f'{n}: {_shape_str(v)}' for n, v in zip(layer.params, args[1]))
-            raise EvalError(f'layer {layer.name!r} ({layer.type}) failed in {method}: {e} '
-                            f'[inputs {ins}] [params {pars}]') from e
-
-    def _seed_derivatives(self, der_outputs):
-        for name, d in der_outputs.items():
-            var = self.get_var(name)
-            val = _first(var.value)
-            if val is None:
-                raise EvalError(f'der_outputs names {name!r}, which has no value after forward')
-            xp = backend.get_array_module(val)
-            if not backend.is_gpu_array(d) and np.size(d) == 1:
-                # a host scalar: fill on the device, no transfer
-                d = xp.full(val.shape, np.asarray(d).reshape(()).item(), dtype=val.dtype)
-            else:
-                d = xp.asarray(d, dtype=val.dtype)
-            if d.size == 1 and d.shape != val.shape:
-                d = xp.broadcast_to(d.reshape(()), val.shape).copy()
-            elif d.shape != val.shape:
-                raise EvalError(f'der_outputs[{name!r}] has shape {d.shape}, the var has {val.shape}')
-            var.der = d
-
-    def _timing_sync(self):
-        if self.sync_timing and self.device == 'gpu':
-            return backend.synchronize
-        return _noop
-
-    def _backward(self, skipped):
-        touched = set()
-        sync = self._timing_sync()
-        for li in reversed(self._order):
-            layer = self.layers[li]
-            if li in skipped:
-                continue
-            ders = [self.vars[o].der for o in layer.output_indexes]
-            if all(d is None for d in ders) and not layer.block.always_backward:
-                continue
-            ins = [self.vars[i].value for i in layer.input_indexes]
-            idx = self._routes.get(layer.name) if layer.route is not None else None
-            if idx is not None:
-                full = ins[0]
-                ins[0] = _gather_images(full, idx)
-            pars = [self.params[i].value for i in layer.param_indexes]
-            outs = [self.vars[o].value for o in layer.output_indexes]
-            sync()
-            t0 = time.perf_counter()
-            der_ins, der_pars = self._call(layer, 'backward', ins, pars, ders, outs)
-            sync()
-            layer.backward_time = time.perf_counter() - t0
-            if idx is not None and der_ins and der_ins[0] is not None:
-                der_ins = list(der_ins)
-                der_ins[0] = self._scatter(full, idx, der_ins[0])
-            self._accumulate_inputs(layer, der_ins)
-            self._accumulate_params(layer, der_pars, touched)
-            if self.conserve_memory:
-                for o in layer.output_indexes:
-                    if not self.vars[o].precious:
-                        self.vars[o].value = None
-                        self.vars[o].der = None
-
-    @staticmethod
-    def _scatter(full, idx, der):
-        """The derivative for the whole batch: ``der`` (images ``idx``) at their places,
-        zero elsewhere. With Fortran order every image is one contiguous block, so this
-        is a row scatter of the C-order ``.T`` views (one kernel on the GPU)."""
-        xp = backend.get_array_module(der)
-        out = xp.zeros(full.shape, dtype=der.dtype, order='F')
-        out.T[idx] = der.T
-        return out
-
-    def _accumulate_inputs(self, layer, der_ins):
-        for name, i, d in zip(layer.inputs, layer.input_indexes, der_ins or ()):
-            if d is None:
-                continue
-            var = self.vars[i]
-            val = _first(var.value)
-            if val is not None and hasattr(d, 'shape') and d.shape != val.shape:
-                raise EvalError(f'layer {layer.name!r} ({layer.type}) returned a derivative of shape '
-                                f'{d.shape} for var {name!r} of shape {val.shape}')
-            var.der = d if var.der is None else var.der + d
-
-    def _accumulate_params(self, layer, der_pars, touched):
-        for name, i, d in zip(layer.params, layer.param_indexes, der_pars or ()):
-            if d is None:
-                continue
-            p = self.params[i]
-            if p.value is not None and d.shape != p.value.shape:
-                d = d.reshape(p.value.shape)
-            if p.der is None or (i not in touched and not self.accumulate_param_ders):
-                p.der = d
-            else:
-                p.der = p.der + d
-            touched.add(i)
+    def has_var(self, name):
+        return name in self._var_map
 
     # ------------------------------------------------------------------ sizes & printing
     def get_var_sizes(self, input_sizes):
         """Sizes of every var for the given input sizes (``{'input': (64, 64, 3, 1), ...}``),
         as a dict var name -> shape tuple (of the first element for tuple-valued vars).
-        Runs one forward pass in 'test' mode on zeros (label-like inputs get ones), with
-        every gate selecting every image so that every layer runs on the whole batch."""
-        self._rebuild()
-        saved = (self.mode, self.conserve_memory, None,
-                 [(v.value, v.der) for v in self.vars], [dict(l.block.__dict__) for l in self.layers],
-                 self.rng.bit_generator.state)
+
+        Shapes only: each block's ``get_output_sizes`` in execution order, no forward
+        pass; a routed layer is sized as if its gate selected every image. Only when a
+        block cannot tell (its ``get_output_sizes`` gives None for an output whose inputs
+        are all known; e.g. a user block that does not implement it) does this fall back
+        to one forward pass in 'test' mode on zeros (label-like inputs get ones)."""
+        sizes, unknown = self._static_sizes(input_sizes)
+        if unknown:
+            return self._forward_sizes(input_sizes)
+        return sizes
+
+    def _static_sizes(self, input_sizes):
+        order = self.execution_order
+        sizes = {}
+        for name, size in dict(input_sizes).items():
+            if not self.has_var(name):
+                raise KeyError(f'get_var_sizes: {name!r} is not a var of this net; '
+                               f'its inputs are {self.get_inputs()}')
+            sizes[name] = tuple(int(s) for s in np.asarray(size).reshape(-1))
+        unknown = []
+        for li in order:
+            l = self.layers[li]
+            ins = [sizes.get(v) for v in l.inputs]
+            try:
+                outs = list(l.block.get_output_sizes(ins) or [])
+            except Exception as e:
+                raise ValueError(f'layer {l.name!r} ({l.type}) cannot size its outputs for inputs '
+                                 f'{dict(zip(l.inputs, ins))}: {e}') from e
+            outs += [None] * (len(l.outputs) - len(outs))
+            for v, size in zip(l.outputs, outs):
+                if size is not None:
+                    sizes[v] = tuple(int(d) for d in size)
+                elif all(s is not None for s in ins):
+                    unknown.append(v)
+        return sizes, unknown
+
+    def _forward_sizes(self, input_sizes):
+        saved = (self.mode, self.conserve_memory, [(v.value, v.der) for v in self.vars],
+                 [dict(l.block.__dict__) for l in self.layers], self.rng.bit_generator.state)
         try:
             self.mode, self.conserve_memory = 'test', False
-            self._sizing = True
             feed = {}
             for name, size in dict(input_sizes).items():
-                size = tuple(int(s) for s in size)
+                size = tuple(int(s) for s in np.asarray(size).reshape(-1))
                 fill = np.ones if 'label' in name else np.zeros
                 feed[name] = fill(size, dtype=np.float32, order='F')
             with np.errstate(all='ignore'):
                 self.eval(feed)
-            return {v.name: tuple(_first(v.value).shape) for v in self.vars
-                    if v.value is not None and hasattr(_first(v.value), 'shape')}
+            return {v.name: tuple(first(v.value).shape) for v in self.vars
+                    if v.value is not None and hasattr(first(v.value), 'shape')}
         finally:
             self.mode, self.conserve_memory = saved[0], saved[1]
-            self._sizing = False
-            for v, (val, der) in zip(self.vars, saved[3]):
+            for v, (val, der) in zip(self.vars, saved[2]):
                 v.value, v.der = val, der
-            for l, state in zip(self.layers, saved[4]):
+            for l, state in zip(self.layers, saved[3]):
                 l.block.__dict__.update(state)
-            self.rng.bit_generator.state = saved[5]
+            self.rng.bit_generator.state = saved[4]
+
+    def input_sizes(self, batch_size=1):
+        """``{var: (H, W, C, batch_size)}`` for the net inputs, from ``meta['inputs']``
+        (MatConvNet's struct array with ``name`` and ``size``, or a flat
+        ``{name, size, ...}`` list), else ``meta['inputSize']``, else
+        ``meta['normalization']['imageSize']`` for the first input, else 64x64x3; a
+        ``label`` var gets ``1 x 1 x 1 x batch_size``."""
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        inputs = self.get_inputs()
+        found = {}
+        for key in ('inputs', 'inputSize'):
+            for name, size in _name_size_pairs(meta.get(key)):
+                if name in inputs and len(size) >= 3:
+                    found[name] = tuple(size[:3]) + (int(batch_size),)
+            if found:
+                break
+        if not found:
+            norm = meta.get('normalization')
+            image = _ints(norm.get('imageSize')) if isinstance(norm, dict) else ()
+            name = 'input' if 'input' in inputs else (inputs[0] if inputs else 'input')
+            image = image[:3] if len(image) >= 3 else (64, 64, 3)
+            found[name] = tuple(image) + (int(batch_size),)
+        if 'label' in inputs and 'label' not in found:
+            found['label'] = (1, 1, 1, int(batch_size))
+        return found
 
     def summary(self, input_sizes=None, batch_size=1):
         """MatConvNet's ``net.print``: a text table of layers with output sizes, param counts
-        and output memory, and the totals. ``input_sizes`` defaults to
-        ``meta['inputs']`` or ``input`` = 64x64x3xbatch_size."""
+        and output memory, and the totals; shapes only (:meth:`get_var_sizes`), no
+        forward pass. ``input_sizes`` defaults to :meth:`input_sizes` (``meta['inputs']``
+        when present) with ``batch_size`` images."""
         if input_sizes is None:
-            input_sizes = {'input': (64, 64, 3, batch_size)}
-            if 'label' in self._var_map:
-                input_sizes['label'] = (1, 1, 1, batch_size)
+            input_sizes = self.input_sizes(batch_size)
         sizes = self.get_var_sizes(input_sizes)
         rows = [('layer', 'type', 'inputs', 'output', 'params', 'out MB')]
         total_mem = 0

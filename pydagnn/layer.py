@@ -16,6 +16,8 @@ import copy
 
 import numpy as np
 
+from . import backend
+
 #: MatConvNet class name ('dagnn.Conv') -> block class
 REGISTRY = {}
 
@@ -55,15 +57,51 @@ class Layer:
 
     Subclasses set ``properties`` (MatConvNet property name -> default value) and
     implement ``forward`` and ``backward``. Optional hooks: ``get_output_sizes``,
-    ``init_params``, ``param_defaults``, ``reset``.
+    ``init_params``, ``param_defaults``, ``reset``, ``move``.
 
-    Class attributes the engine reads:
-      * ``always_backward``: run backward even when no output received a
-        derivative (the GM ``Balance_loss``, whose gradient enters on its own).
+    Everything the engine (:mod:`pydagnn.dagnn`, :mod:`pydagnn.executor`), the loader
+    and the trainer read from a block is declared here, with its default; a block
+    overrides a class attribute (or makes it a property, as ``ReLU`` does for
+    ``backward_needs_inputs``) to change it. Nothing is probed with ``getattr``.
+
+    Engine (scheduling and memory):
+      * ``always_backward``: run backward even when no output received a derivative
+        (the GM ``Balance_loss``, whose gradient enters on its own).
+      * ``backward_needs_inputs`` / ``backward_needs_outputs``: whether backward reads
+        the input / output values; when False, ``conserve_memory`` may free them after
+        their last forward consumer (MatConvNet's ReLU short circuit, generalised).
+      * ``accepts_missing_inputs``: run forward with ``None`` for an input whose producer
+        was skipped (a routed component that no image selected; ``CM_out``), instead of
+        skipping this layer too.
+      * :meth:`move`: called by ``DagNN.move(device)``.
+
+    Trainer (:func:`pydagnn.train.cnn_train_dag`) and loader hooks -- how a model family
+    (GM-SOP) takes part without the engine, trainer or loader knowing its layer names:
+      * ``trainer_reads``: positions of the outputs the trainer reads after ``eval``;
+        their vars are made precious so ``conserve_memory`` keeps them (``gating``: the
+        gate, ``Balance_loss``: its value).
+      * :meth:`train_stats`: the statistics this layer adds to the training log, from its
+        output values after each ``eval`` (``Balance_loss`` -> ``BalanceLoss``); the
+        trainer averages each over the epoch's evaluations.
+      * ``net_finalizer``: ``'module:function'`` called once with the net by the loader
+        (:func:`pydagnn.load_matconvnet`) when a layer of this type is present, e.g.
+        ``'pydagnn.models.gm:finalize_gm'`` (routes and the original's execution order);
+        a string, so that the layer library never imports the model builders.
     """
     type_name = 'dagnn.Layer'
     properties = {}
+    #: run backward even when no output received a derivative
     always_backward = False
+    #: backward reads ``inputs`` (False: the engine may free them after forward)
+    backward_needs_inputs = True
+    #: backward reads ``outputs`` (False: the engine may free them after forward)
+    backward_needs_outputs = True
+    #: forward gets ``None`` for an input whose producer was skipped, instead of being skipped
+    accepts_missing_inputs = False
+    #: positions of the outputs the trainer reads after eval (their vars become precious)
+    trainer_reads = ()
+    #: ``'module:function'`` the loader calls with the net when a layer of this type is present
+    net_finalizer = None
 
     def __init__(self, **props):
         self.net = None
@@ -117,6 +155,24 @@ class Layer:
 
     def reset(self):
         """Forget transient state (MatConvNet's reset())."""
+
+    # -- engine and trainer hooks --------------------------------------------
+    def move(self, device):
+        """Follow ``DagNN.move(device)`` ('cpu' | 'gpu'): by default every NumPy / CuPy
+        array among the block's plain (transient, not stored) attributes moves (a
+        dropout mask, fixed H_x noise); stored properties (``size``, ``pad``, ...) stay
+        on the host. Override for state this does not cover."""
+        for name, val in list(vars(self).items()):
+            if name == 'net' or name in self.properties:
+                continue
+            if isinstance(val, np.ndarray) or backend.is_gpu_array(val):
+                setattr(self, name, backend.to_device(val, device))
+
+    def train_stats(self, outputs):
+        """``{statistic name: value}`` this layer adds to the training log after an eval
+        (``outputs``: its output values; a value may be a device array or a tuple, the
+        trainer reads its first element). Default: none."""
+        return {}
 
     # -- persistence -------------------------------------------------------
     def save(self):

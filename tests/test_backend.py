@@ -11,7 +11,8 @@ import pytest
 
 import pydagnn
 from pydagnn import backend
-from pydagnn.dagnn import DagNN, _gather_images
+from pydagnn.dagnn import DagNN
+from pydagnn.routing import gather, scatter
 from pydagnn.layers.gating import GateValue, gating, gating_forward, topk_mask, topk_mask_counts
 
 
@@ -98,18 +99,18 @@ def test_gather_and_scatter_images():
     rng = np.random.default_rng(0)
     x = np.asfortranarray(rng.standard_normal((3, 2, 4, 6)))
     idx = np.array([1, 4, 5])
-    g = _gather_images(x, idx)
+    g = gather(x, idx)
     assert g.flags.f_contiguous and g.shape == (3, 2, 4, 3)
     np.testing.assert_array_equal(g, x[..., idx])
     d = np.asfortranarray(rng.standard_normal(g.shape))
-    full = DagNN._scatter(x, idx, d)
+    full = scatter(x, idx, d)
     assert full.flags.f_contiguous
     ref = np.zeros_like(x)
     ref[..., idx] = d
     np.testing.assert_array_equal(full, ref)
     # 2-D (D x N) values too
     y = rng.standard_normal((5, 6))
-    np.testing.assert_array_equal(_gather_images(y, idx), y[:, idx])
+    np.testing.assert_array_equal(gather(y, idx), y[:, idx])
 
 
 def test_gating_returns_counts_with_the_value():
@@ -156,11 +157,12 @@ def test_engine_routes_once_per_eval_with_the_gate_counts():
     net.eval({'input': x, 'label': lab}, {'objective': 1})
     gate = net.get_var('gating').value
     assert isinstance(gate, GateValue)
-    order, counts = net._route_cache['gating']
-    assert counts == gate.counts.tolist()
+    index = net.executor.route_indexes['gating']
+    assert index.counts == gate.counts.tolist()
+    assert gate.index is index          # CM_out reads the same RouteIndex: one argsort per step
     for i in range(4):
         sel = np.nonzero(gate[1][i])[0]
-        np.testing.assert_array_equal(net._routes[f'CM_{i + 1}_a_conv'], sel)
+        np.testing.assert_array_equal(net.executor.routes[f'CM_{i + 1}_a_conv'], sel)
 
 
 def test_sync_timing_flag_is_harmless_on_cpu():

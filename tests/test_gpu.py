@@ -338,7 +338,7 @@ def test_resnet18_gm_sop_train_step_gpu_equals_cpu():
         before = {p.name: np.asarray(_host(p.value), np.float64) for p in net.params}
         accumulate_gradients(net, {}, learning_rate=0.1, batch_size=N)
         delta = {p.name: np.asarray(_host(p.value), np.float64) - before[p.name] for p in net.params}
-        routes = {k: np.asarray(_host(v)) for k, v in net._routes.items()}
+        routes = {k: np.asarray(_host(v)) for k, v in net.executor.routes.items()}
         res[kind] = (ders, delta, routes)
     (d1, u1, r1), (d2, u2, r2), (d3, u3, r3) = res['cpu32'], res['gpu32'], res['cpu64']
     assert r1.keys() == r2.keys()
