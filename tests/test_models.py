@@ -160,6 +160,38 @@ def test_descriptor_sizes_and_summary(model_type):
     assert 'prediction' in text and 'conv1_conv' in text
 
 
+def test_summary_is_shapes_only_and_fast(monkeypatch):
+    """net.print / summary size every var from get_output_sizes: no layer runs, even at
+    batch 256 (a forward there took about a minute), and routed branches are sized."""
+    import time
+    from pydagnn.executor import Executor
+    net = _net('ResNet18-GM-SOP')
+
+    def no_forward(self, *args, **kwargs):
+        raise AssertionError('summary ran a forward pass')
+    monkeypatch.setattr(Executor, 'forward', no_forward)
+    t0 = time.perf_counter()
+    text = net.summary(batch_size=256)
+    assert time.perf_counter() - t0 < 2.0
+    assert 'batch 256' in text and '16x16x128x256' in text
+    sizes = net.get_var_sizes(net.input_sizes(256))
+    assert sizes['CM_16_Cov_ScaleTr'] == (1, 1, 8256, 256) and sizes['Fusion_out'][-1] == 256
+    assert sizes['gating'] == (16, 256) and sizes['Balance_loss'] == (1, 1)
+
+
+def test_summary_reads_the_input_size_from_meta():
+    net = build('ResNet18-GAP', num_classes=10, section_len=1, image_size=32)
+    assert net.input_sizes(4) == {'input': (32, 32, 3, 4), 'label': (1, 1, 1, 4)}
+    text = net.summary()
+    assert '32x32x16x1' in text and '64x64' not in text
+    # MatConvNet's meta.inputs (a struct with name and size) wins over the rest
+    net.meta['inputs'] = {'name': 'input', 'size': np.array([[24, 24, 3, 1]])}
+    assert net.input_sizes(2)['input'] == (24, 24, 3, 2)
+    net.meta['inputs'] = ['input', [16, 16, 3, 1]]          # the flat cell form
+    assert net.input_sizes()['input'] == (16, 16, 3, 1)
+    assert '16x16x16x1' in net.summary()
+
+
 def test_meta_per_model():
     sched = {
         'ResNet18-GAP': (0.75 * np.r_[[0.1] * 50, [0.01] * 15, [0.001] * 10], 256, 'ResNet18-GAP-LR_0.075'),
