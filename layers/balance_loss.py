@@ -58,6 +58,12 @@ class Balance_loss(Layer):
     as the original. Input: the gating tuple; output value ``(loss, RSD, w_sum)``."""
     properties = {'loss_weight': 100, 'CM_num': 16}
     always_backward = True
+    #: the trainer reads the value after eval for the ``BalanceLoss`` statistic
+    trainer_reads = (0,)
+
+    def train_stats(self, outputs):
+        """``BalanceLoss``: the loss (the value's first element), averaged by the trainer."""
+        return {} if outputs[0] is None else {'BalanceLoss': outputs[0]}
 
     def _w(self):
         return float(np.asarray(self.loss_weight).ravel()[0])

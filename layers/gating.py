@@ -256,6 +256,10 @@ class gating(Layer):
     net's ``rng``. ``size``, ``hasBias``, ``CM_num`` and ``f_size`` are stored as the
     original does; ``topk`` is used."""
     properties = {'size': [], 'hasBias': False, 'topk': 8, 'CM_num': 16, 'f_size': [8, 8]}
+    #: the trainer keeps the gate after eval (precious), as the original's cnn_train_GM_dag
+    trainer_reads = (0,)
+    #: a loaded net with a gating layer gets its CM routes and the original's order
+    net_finalizer = 'pydagnn.models.gm:finalize_gm'
 
     def forward(self, inputs, params):
         H = _first(inputs[0])

@@ -18,9 +18,9 @@ statistic)::
 
 The statistics are the running ``average`` of every ``dagnn.Loss`` block, named by its
 output var (per image: the loss outputs are sums over the batch and the average divides
-by the images seen), and, for GM nets, ``BalanceLoss``: the mean of the ``Balance_loss``
-value over the evaluations of the epoch (the original records the value of the last
-batch only). After each epoch the net, the SGD state and the statistics are saved to
+by the images seen), and the statistics the blocks declare (``Layer.train_stats``; for GM
+nets ``BalanceLoss``, from the ``Balance_loss`` block), each the mean of its value over the
+evaluations of the epoch (the original records the value of the last batch only). After each epoch the net, the SGD state and the statistics are saved to
 ``exp_dir/net-epoch-<e>.mat`` (MATLAB v7, written to a temporary file and renamed), and
 the statistics are plotted to ``exp_dir/net-train.pdf`` and ``.png``.
 
@@ -461,11 +461,9 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
             stats = {k: list(v)[:start] for k, v in stats.items()}
     if isinstance(net.meta.get('trainOpts'), dict):
         net.meta['trainOpts']['learningRate'] = lrs if len(lrs) > 1 else lrs[0]
-    for name in ('gating', 'Balance_loss'):  # read after eval (gating for routing, stats)
-        try:
-            net.get_var(name).precious = True
-        except KeyError:
-            pass
+    for l in net.layers:  # what the blocks say the trainer reads after eval (Layer.trainer_reads)
+        for k in l.block.trainer_reads:
+            net.get_var(l.outputs[k]).precious = True
     net.conserve_memory = bool(conserve_memory)
     if gpus:
         use_gpu(gpus[0])
@@ -535,6 +533,16 @@ def _batch_jobs(subset, batch_size, num_sub_batches, mode, seed):
     return batches
 
 
+def _collect_block_stats(net, block_stats):
+    """Add every layer's ``train_stats`` (e.g. GM's ``BalanceLoss``) after an eval."""
+    for l in net.layers:
+        found = l.block.train_stats([v.value for v in map(net.get_var, l.outputs)])
+        for name, value in found.items():
+            acc = block_stats.setdefault(name, [0.0, 0])
+            acc[0] += _scalar(value)
+            acc[1] += 1
+
+
 def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, opts, log):
     bs = opts['batch_size']
     batches = _batch_jobs(subset, bs, opts['num_sub_batches'], mode, seed)
@@ -544,8 +552,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
         return _call_get_batch(get_batch, imdb_, idx, m, sd)
 
     stats = {'num': 0, 'time': 0.0}
-    bl_sum, bl_n = 0.0, 0
-    has_bl = any('Balance_loss' in l.outputs for l in net.layers)
+    block_stats = {}   # name -> [sum, count] of the layers' train_stats (Layer.train_stats)
     num = 0
     adjust_time = 0.0
     n = subset.size
@@ -570,11 +577,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
                     net.mode = 'test'
                     net.accumulate_param_ders = False
                     net.eval(inputs)
-                if has_bl:
-                    v = net.get_var('Balance_loss').value
-                    if v is not None:
-                        bl_sum += _scalar(v)
-                        bl_n += 1
+                _collect_block_stats(net, block_stats)
             net.accumulate_param_ders = False
             if mode == 'train':
                 accumulate_gradients(net, state, learning_rate=lr, batch_size=this_bs, momentum=opts['momentum'],
@@ -583,8 +586,8 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
             batch_time = now - stats['time']
             stats['num'] = num
             stats['time'] = now
-            if has_bl and bl_n:
-                stats['BalanceLoss'] = bl_sum / bl_n
+            for name, (total, count) in block_stats.items():
+                stats[name] = total / count
             extract_stats(net, stats)
             current_speed = this_bs / batch_time if batch_time > 0 else math.inf
             average_speed = (t + this_bs) / now if now > 0 else math.inf

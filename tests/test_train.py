@@ -429,12 +429,17 @@ def test_get_batch_errors_reach_the_loop(tmp_path):
 
 
 def test_balance_loss_statistic(tmp_path):
-    """A var named Balance_loss holding (loss, RSD, w_sum) is averaged into BalanceLoss."""
+    """A block declaring the BalanceLoss statistic (``train_stats``) on its (loss, RSD,
+    w_sum) value gets it averaged into BalanceLoss, its var kept (``trainer_reads``)."""
     from pydagnn.layer import Layer, register
 
     @register('test.FakeBalance')
     class FakeBalance(Layer):
         always_backward = False
+        trainer_reads = (0,)
+
+        def train_stats(self, outputs):
+            return {'BalanceLoss': outputs[0]}
 
         def forward(self, inputs, params):
             v = float(np.mean(inputs[0]))

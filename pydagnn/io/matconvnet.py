@@ -29,6 +29,7 @@ else None. On save the inverse: numbers -> double, bools -> logical, lists of nu
 and ``[]`` otherwise, 1-D params -> ``C x 1``.
 """
 import copy
+import importlib
 import os
 import warnings
 
@@ -517,17 +518,26 @@ def _from_dagnn_struct(top, ctx, prefix):
 
 
 def _finalize(net, ctx):
-    if not any(l.name == 'gating' for l in net.layers):
-        return
-    try:
-        from ..models.gm import finalize_gm
-    except ImportError:  # pragma: no cover  (models not installed)
-        warnings.warn(f'{ctx.path}: GM network loaded without routing: pydagnn.models.gm is unavailable')
-        return
-    try:
-        finalize_gm(net)
-    except (ValueError, KeyError) as err:
-        raise ctx.error('', f'cannot set up the GM routing and execution order: {err}') from None
+    """Call the net-finalize hook (:attr:`pydagnn.layer.Layer.net_finalizer`) of every
+    block type present, once each, in layer order (e.g. a GM net's ``gating`` block:
+    ``pydagnn.models.gm:finalize_gm`` sets the routes and the original's order)."""
+    hooks = []
+    for l in net.layers:
+        spec = l.block.net_finalizer
+        if spec and spec not in hooks:
+            hooks.append(spec)
+    for spec in hooks:
+        module, _, func = spec.partition(':')
+        try:
+            hook = getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError):  # pragma: no cover  (models not installed)
+            warnings.warn(f'{ctx.path}: network loaded without its finalize hook: {spec} is unavailable')
+            continue
+        try:
+            hook(net)
+        except (ValueError, KeyError) as err:
+            raise ctx.error('', f'cannot finalize the network ({spec}: the routing and execution '
+                                f'order): {err}') from None
 
 
 def _make_block(name, type_name, bprops, n_inputs, ctx, where, reg):

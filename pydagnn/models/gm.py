@@ -26,13 +26,22 @@ def gm_execution_order(net, section_len=2):
     return order[:b5 + 1] + list(range(b5 + 1, len(net.layers)))
 
 
+def gate_var(net):
+    """The var of the net's gating layer (a ``dagnn.gating`` block), or None."""
+    for layer in net.layers:
+        if layer.type == 'dagnn.gating':
+            return layer.outputs[0]
+    return None
+
+
 def finalize_gm(net):
-    """Set routes and the original's execution order on a net with a ``gating`` layer
-    (no-op otherwise). Returns True when the net is a GM net."""
-    names = {l.name for l in net.layers}
-    if 'gating' not in names:
+    """Set routes and the original's execution order on a net with a gating layer
+    (no-op otherwise). Returns True when the net is a GM net. The ``gating`` block
+    declares it as its ``net_finalizer``, so the loader calls it on GM nets."""
+    gate = gate_var(net)
+    if gate is None:
         return False
-    set_routes(net)
-    if 'conv5_2_relu' in names:
+    set_routes(net, gate)
+    if 'conv5_2_relu' in {l.name for l in net.layers}:
         net.set_execution_order(gm_execution_order(net))
     return True
