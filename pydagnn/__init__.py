@@ -11,9 +11,22 @@ from . import layers  # noqa: F401  (registers every block type)
 __version__ = '0.1.0'
 
 
+#: submodules reachable as ``pydagnn.<name>`` after ``import pydagnn`` alone, imported on
+#: first access so that importing the engine stays fast
+_SUBMODULES = ('io', 'models', 'train', 'data', 'evaluate', 'gradcheck', 'testing', 'parity',
+               'parity_layers', 'plots', 'imdb', 'backend', 'routing', 'executor', 'dagnn', 'layer')
+
+
 def __getattr__(name):
     # Lazy so that importing the engine never pulls in the file readers.
     if name in ('load_matconvnet', 'save_matconvnet'):
         from .io import matconvnet
         return getattr(matconvnet, name)
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f'{__name__}.{name}')
     raise AttributeError(f'module pydagnn has no attribute {name!r}')
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | {'load_matconvnet', 'save_matconvnet'})
