@@ -90,6 +90,8 @@ class Layer:
     """
     type_name = 'dagnn.Layer'
     properties = {}
+    #: the net the block is attached to (set by ``DagNN.add_layer``); ``mode`` and ``rng`` come from it
+    net = None
     #: run backward even when no output received a derivative
     always_backward = False
     #: backward reads ``inputs`` (False: the engine may free them after forward)
