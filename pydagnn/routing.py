@@ -50,20 +50,27 @@ def route_order(mask):
 
 class RouteIndex:
     """The images of every component of one gate value: ``order`` (:func:`route_order`,
-    on the mask's device) and ``counts`` (host ints, one per component)."""
-    __slots__ = ('order', 'counts')
+    on the mask's device) and ``counts`` (host ints, one per component; read from the
+    device on first use when the gate value did not carry them)."""
+    __slots__ = ('order', '_mask', '_counts')
 
     def __init__(self, mask, counts=None):
         mask = mask.astype(bool, copy=False)
         if mask.ndim != 2:
             mask = mask.reshape(mask.shape[0], -1)
-        if counts is None:
-            counts = backend.to_host(mask.sum(axis=1))
-        self.counts = [int(c) for c in np.asarray(counts).reshape(-1)]
+        self._mask = mask if counts is None else None
+        self._counts = None if counts is None else [int(c) for c in np.asarray(counts).reshape(-1)]
         self.order = route_order(mask)
 
+    @property
+    def counts(self):
+        if self._counts is None:
+            self._counts = [int(c) for c in np.asarray(backend.to_host(self._mask.sum(axis=1))).reshape(-1)]
+            self._mask = None
+        return self._counts
+
     def __len__(self):
-        return len(self.counts)
+        return self.order.shape[0]
 
     def indices(self, i):
         """The batch indices (in batch order) of component ``i`` (0-based); a device array
