@@ -21,10 +21,7 @@ from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
 from pydagnn.routing import route_index, route_order
 
-#: kept under its old name: the (K, N) argsort of :func:`pydagnn.routing.route_order`
-routed_indices = route_order
-
-__all__ = ['routed_indices', 'cm_out_forward', 'cm_out_backward', 'CM_out']
+__all__ = ['cm_out_forward', 'cm_out_backward', 'CM_out']
 
 
 def _counts(ys, K, op):

@@ -9,7 +9,8 @@ import pytest
 from pydagnn.gradcheck import assert_close, numerical_derivative
 from pydagnn.layer import REGISTRY, BlockContext
 from pydagnn.layers.balance_loss import Balance_loss, balance_loss_backward, balance_loss_forward
-from pydagnn.layers.cm_out import CM_out, cm_out_forward, routed_indices
+from pydagnn.layers.cm_out import CM_out, cm_out_forward
+from pydagnn.routing import route_order
 from pydagnn.layers.gating import H_x, gating, gating_forward, softplus, topk_mask
 
 K, N, D, DH, TOPK = 6, 5, 7, 4, 3
@@ -232,7 +233,7 @@ def test_cm_out_forward_matches_dense_reference():
     assert z.shape == (1, 1, DH, N) and np.allclose(z[0, 0], ref)
     ys[1] = np.zeros((1, 1, DH, 0))           # an empty array works like None
     assert np.allclose(cm_out_forward(sfm, mask, ys), z)
-    order = routed_indices(mask)
+    order = route_order(mask)
     for i in range(K):
         assert order[i, :mask[i].sum()].tolist() == np.flatnonzero(mask[i]).tolist()
     ys[0] = ys[0][:, :, :, :-1]
