@@ -446,6 +446,7 @@ class DagNN:
         self.executor.eval(inputs, der_outputs)
 
     def has_var(self, name):
+        """Whether the net has a var called ``name``."""
         return name in self._var_map
 
     # ------------------------------------------------------------------ sizes & printing
