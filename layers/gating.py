@@ -43,6 +43,7 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import first_value
 
 __all__ = ['softplus', 'hx_forward', 'hx_backward', 'topk_mask', 'gating_forward',
            'gating_backward', 'GateValue', 'H_x', 'gating']
@@ -268,7 +269,7 @@ class gating(Layer):
 
     def forward(self, inputs, params):
         H = _first(inputs[0])
-        topk = int(np.asarray(self.topk).ravel()[0])
+        topk = int(first_value(self.topk))
         sfm, mask, masked, sums, counts = gating_forward(H, topk, self.rng, return_counts=True)
         return [GateValue((sfm, mask, masked, None, None, sums), counts)]
 
