@@ -30,7 +30,7 @@ formulas as per-plane fused reductions and one elementwise pass each (the kernel
 import numpy as np
 
 from pydagnn.backend import is_gpu_array
-from pydagnn.layer import Layer, register
+from pydagnn.layer import Layer, property_ints, register
 from pydagnn.layers._common import as4d, dy_like, first_value
 from pydagnn.layers.kernels import bnorm_gpu as _kb
 
@@ -321,6 +321,19 @@ class BatchNorm(Layer):
     #: backward reads x, not y: the engine may free y after its last forward consumer
     #: when that one does not need it either (BN -> ReLU)
     backward_needs_outputs = False
+    param_roles = ('vector', 'vector', 'moments')
+
+    def check_param_shapes(self, values, names):
+        """g, b and the moments have one row per channel, ``numChannels`` of them (when set)."""
+        nc = property_ints(self.numChannels)
+        counts = []
+        for k, v in enumerate(values[:3]):
+            if v is not None:
+                counts.append((names[k], v.shape[0]))
+        if nc:
+            counts.insert(0, ('numChannels', nc[0]))
+        if len({c for _, c in counts}) > 1:
+            raise ValueError('channel counts disagree: ' + ', '.join(f'{n} {c}' for n, c in counts))
 
     def _eps(self):
         return float(first_value(self.epsilon))

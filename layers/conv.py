@@ -30,7 +30,7 @@ import math
 import numpy as np
 
 from pydagnn.backend import get_array_module, is_gpu_array
-from pydagnn.layer import Layer, register
+from pydagnn.layer import Layer, check_filter_params, register
 from pydagnn.layers._common import (as4d, flag, fortran, output_derivative, parse_pad, parse_pair,
                                     window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
@@ -448,6 +448,7 @@ class Conv(Layer):
     """``dagnn.Conv``: inputs [x], params [filters] or [filters, biases], outputs [y]."""
     #: backward reads x, not y: the engine may free y (conv -> ReLU)
     backward_needs_outputs = False
+    param_roles = ('filter', 'vector')
     properties = {
         'size': [0, 0, 0, 0],
         'hasBias': True,
@@ -460,6 +461,10 @@ class Conv(Layer):
     def _size4(self):
         s = [int(v) for v in np.asarray(self.size, dtype=np.float64).ravel()]
         return (s + [1, 1, 1, 1])[:4]
+
+    def check_param_shapes(self, values, names):
+        """The filters against ``size``, the biases against the filters' Cout."""
+        check_filter_params(values, names, self.size, out_axis=3)
 
     def _bias(self, params):
         if flag(self.hasBias) and len(params) > 1 and params[1] is not None \
