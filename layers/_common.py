@@ -4,7 +4,8 @@
   :func:`parse_pair`, :func:`int_option`, :func:`flag`, :func:`first_value`,
   :func:`as_scalar`, :func:`opts_to_dict`;
 * shapes: :func:`window_outputs` (MatConvNet's output-size formula), :func:`as4d` (MATLAB
-  drops trailing singleton dimensions: every map is read back as 4-D), :func:`shape4`,
+  drops trailing singleton dimensions: every map is read back as 4-D), :func:`float_map`,
+  :func:`shape4`,
   :func:`fortran` (a Fortran-contiguous cast without a needless copy), :func:`dy_like`
   and :func:`output_derivative` (checks of an output derivative).
 
@@ -12,8 +13,10 @@ Errors are ``ValueError`` naming the op (``op``) and what it got.
 """
 import numpy as np
 
+from pydagnn.backend import get_array_module
+
 __all__ = ['ints', 'parse_pad', 'parse_pair', 'int_option', 'flag', 'first_value', 'as_scalar',
-           'opts_to_dict', 'window_outputs', 'as4d', 'shape4', 'fortran', 'dy_like',
+           'opts_to_dict', 'window_outputs', 'as4d', 'float_map', 'shape4', 'fortran', 'dy_like',
            'output_derivative']
 
 
@@ -146,6 +149,16 @@ def as4d(a, name, op, xp=None):
     if a.ndim < 4:
         a = a.reshape(a.shape + (1,) * (4 - a.ndim), order='F')
     return a
+
+
+def float_map(x, op):
+    """``(x4, xp)``: a feature map ``x`` as a 4-D array of its own module ``xp`` (numpy or
+    cupy), which must be float32 or float64 (the geometries of conv and pooling)."""
+    xp = get_array_module(x)
+    x = as4d(x, 'x', op, xp)
+    if x.dtype.kind != 'f':
+        raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+    return x, xp
 
 
 def shape4(s, name, op):

@@ -29,10 +29,10 @@ import math
 
 import numpy as np
 
-from pydagnn.backend import get_array_module, is_gpu_array
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, check_filter_params, register
-from pydagnn.layers._common import (as4d, flag, fortran, output_derivative, parse_pad, parse_pair,
-                                    window_outputs)
+from pydagnn.layers._common import (as4d, flag, float_map, fortran, output_derivative, parse_pad,
+                                    parse_pair, window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels import im2col_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import parallel_for
@@ -65,11 +65,9 @@ class _Geom:
     path does."""
 
     def __init__(self, x, w, b, pad, stride, dilate, op):
-        self.xp = xp = get_array_module(x)
-        x = as4d(x, 'x', op, xp)
+        x, xp = float_map(x, op)
+        self.xp = xp
         w = as4d(w, 'filters', op, xp)
-        if x.dtype.kind != 'f':
-            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
         self.dtype = x.dtype
         self.H, self.W, self.C, self.N = x.shape
         self.FH, self.FW, self.Cin, self.Cout = w.shape

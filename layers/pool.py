@@ -24,9 +24,9 @@ output allocation and the global-average path are this module's, for both device
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module, is_gpu_array
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
-from pydagnn.layers._common import (as4d, first_value, fortran, output_derivative, parse_pad,
+from pydagnn.layers._common import (first_value, float_map, fortran, output_derivative, parse_pad,
                                     parse_pair, window_outputs)
 from pydagnn.layers.kernels import pool_cpu as _k
 from pydagnn.layers.kernels import pool_gpu as _kg
@@ -52,10 +52,8 @@ class _PoolGeom:
     (:mod:`pydagnn.layers.kernels.pool_gpu`) read the same geometry."""
 
     def __init__(self, x, pool_size, method, pad, stride, op):
-        self.xp = xp = get_array_module(x)
-        x = as4d(x, 'x', op, xp)
-        if x.dtype.kind != 'f':
-            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        x, xp = float_map(x, op)
+        self.xp = xp
         self.dtype = x.dtype
         self.x = fortran(x, x.dtype, xp)
         self.H, self.W, self.C, self.N = x.shape
