@@ -17,10 +17,9 @@ are equal term by term. K is the number of rows of s (the original uses its ``CM
 property, the same number in every model it builds). Unlike the original, the
 derivative does not depend on ``conserveMemory``.
 """
-import numpy as np
-
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import first_value
 
 __all__ = ['balance_loss_forward', 'balance_loss_backward', 'Balance_loss']
 
@@ -66,7 +65,7 @@ class Balance_loss(Layer):
         return {} if outputs[0] is None else {'BalanceLoss': outputs[0]}
 
     def _w(self):
-        return float(np.asarray(self.loss_weight).ravel()[0])
+        return float(first_value(self.loss_weight))
 
     def forward(self, inputs, params):
         g = inputs[0]

@@ -23,29 +23,23 @@ two-pass variance (mean first, then the mean of the squared deviations); the
 original uses one pass (``E[x^2] - mu^2``). Both agree to float32 rounding unless
 ``|mu| >> sigma``, where the two-pass form is the accurate one.
 
-On the GPU (CuPy inputs) the functions dispatch to :mod:`pydagnn.layers.kernels.bnorm_gpu`
-(the same formulas as per-plane fused reductions and one elementwise pass each).
+On the GPU (CuPy inputs) each function takes its ``_..._gpu`` path below: the same
+formulas as per-plane fused reductions and one elementwise pass each (the kernels are in
+:mod:`pydagnn.layers.kernels.bnorm_gpu`).
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+from pydagnn.backend import is_gpu_array
+from pydagnn.layer import Layer, property_ints, register
+from pydagnn.layers._common import as4d, dy_like, first_value
+from pydagnn.layers.kernels import bnorm_gpu as _kb
 
 __all__ = ['bnorm_moments', 'bnorm_forward', 'bnorm_backward', 'bnorm_backward_fixed_moments',
            'BatchNorm']
 
 
-def _gpu():
-    """The CuPy implementation (fused reductions; imported on first GPU use)."""
-    from pydagnn.layers.kernels import bnorm_gpu
-    return bnorm_gpu
-
-
 def _check(x, g, b, moments, op):
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must be H x W x C x N, got shape {x.shape}')
-    if x.ndim < 4:
-        x = x.reshape(x.shape + (1,) * (4 - x.ndim))
+    x = as4d(x, 'x', op)
     C = x.shape[2]
     for name, a in (('g', g), ('b', b)):
         if a is not None and a.size != C:
@@ -83,19 +77,16 @@ def _split_moments(moments, C, dt, xp):
     return xp.ascontiguousarray(m[:, 0]), xp.ascontiguousarray(m[:, 1]), m
 
 
-def _dy_like(x, dy, op):
-    """``dy`` with ``x``'s (4-D) shape (MATLAB may have dropped trailing singletons)."""
-    if dy.size != x.size:
-        raise ValueError(f'{op}: dy has shape {dy.shape}, x has shape {x.shape}')
-    return dy if dy.shape == x.shape else dy.reshape(x.shape, order='F')
-
-
 def bnorm_moments(x, epsilon=1e-5):
     """Batch moments of ``x`` (H x W x C x N): ``(C, 2)`` array ``[mean, sqrt(var + epsilon)]``
     with the biased variance over H, W and N, in x's dtype."""
     x = _check(x, None, None, None, 'bnorm_moments')
-    if get_array_module(x) is not np:
-        return _gpu().bnorm_moments(x, epsilon)
+    if is_gpu_array(x):
+        return _bnorm_moments_gpu(x, epsilon)
+    return _bnorm_moments_cpu(x, epsilon)
+
+
+def _bnorm_moments_cpu(x, epsilon):
     mu, sigma, _ = _batch_stats(x, epsilon)
     return np.stack([mu, sigma], axis=1)
 
@@ -133,8 +124,12 @@ def bnorm_forward(x, g, b, moments=None, epsilon=1e-5, test_mode=False):
     x = _check(x, g, b, moments, 'bnorm_forward')
     if moments is None and test_mode:
         raise ValueError('bnorm_forward: test_mode needs the moments')
-    if get_array_module(x) is not np:
-        return _gpu().bnorm_forward(x, g, b, moments, epsilon)
+    if is_gpu_array(x):
+        return _bnorm_forward_gpu(x, g, b, moments, epsilon)
+    return _bnorm_forward_cpu(x, g, b, moments, epsilon)
+
+
+def _bnorm_forward_cpu(x, g, b, moments, epsilon):
     C, dt = x.shape[2], x.dtype
     mu, sigma, xm, out_moments = _centered(x, moments, epsilon)
     y3 = xm   # a fresh temporary in both cases: normalize in place
@@ -152,9 +147,13 @@ def bnorm_backward(x, g, b, dy, moments=None, epsilon=1e-5):
     dg, db have g's and b's shapes; dx is Fortran-contiguous.
     """
     x = _check(x, g, b, moments, 'bnorm_backward')
-    dy = _dy_like(x, dy, 'bnorm_backward')
-    if get_array_module(x) is not np:
-        return _gpu().bnorm_backward(x, g, b, dy, moments, epsilon)
+    dy = dy_like(x, dy, 'bnorm_backward')
+    if is_gpu_array(x):
+        return _bnorm_backward_gpu(x, g, b, dy, moments, epsilon)
+    return _bnorm_backward_cpu(x, g, b, dy, moments, epsilon)
+
+
+def _bnorm_backward_cpu(x, g, b, dy, moments, epsilon):
     C, dt = x.shape[2], x.dtype
     dy3 = _ncm(dy.astype(dt, copy=False))
     mu, sigma, xm, out_moments = _centered(x, moments, epsilon)
@@ -176,9 +175,13 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     (moments treated as constants): ``(dx, dg, db)`` with ``dx = g/sigma * dy``.
     Used by :class:`BatchNorm` in 'test' mode."""
     x = _check(x, g, b, moments, 'bnorm_backward_fixed_moments')
-    dy = _dy_like(x, dy, 'bnorm_backward_fixed_moments')
-    if get_array_module(x) is not np:
-        return _gpu().bnorm_backward_fixed_moments(x, g, b, dy, moments)
+    dy = dy_like(x, dy, 'bnorm_backward_fixed_moments')
+    if is_gpu_array(x):
+        return _bnorm_backward_fixed_moments_gpu(x, g, b, dy, moments)
+    return _bnorm_backward_fixed_moments_cpu(x, g, b, dy, moments)
+
+
+def _bnorm_backward_fixed_moments_cpu(x, g, b, dy, moments):
     C, dt = x.shape[2], x.dtype
     dy3 = _ncm(dy.astype(dt, copy=False))
     mu, sigma, _ = _split_moments(moments, C, dt, np)
@@ -186,6 +189,120 @@ def bnorm_backward_fixed_moments(x, g, b, dy, moments):
     dg = (dy3 * (_ncm(x) - mu[:, None])).sum(axis=(0, 2)) / sigma
     dx3 = dy3 * (_channels(g, C, dt) / sigma)[:, None]
     return _back(dx3, x.shape), dg.reshape(g.shape), db.reshape(b.shape)
+
+
+# ---------------------------------------------------------------------------- GPU
+# CuPy arrays: the statistics and the backward sums as fused reductions, the normalization
+# and the input derivative as one elementwise pass each (the kernels:
+# :mod:`pydagnn.layers.kernels.bnorm_gpu`). A map ``x`` (H x W x C x N, Fortran order) is
+# read as the C-contiguous ``(N, C, H*W)`` array ``x3``. Every per-channel sum is computed
+# in two steps: a reduction over each ``(image, channel)`` plane (the contiguous last axis:
+# one ``ReductionKernel`` launch with N*C outputs, which keeps the whole GPU busy, unlike
+# a reduction over axes (0, 2) with only C outputs), then a sum over the N images.
+# Statistics as on the CPU: two-pass, biased (1/M), in x's dtype.
+def _x3_gpu(x, cp, dtype=None):
+    """(F-contiguous x, its (N, C, H*W) view)."""
+    x = cp.asfortranarray(x, dtype=dtype)
+    H, W, C, N = x.shape
+    return x, x.T.reshape(N, C, W * H)
+
+
+def _ch(v):
+    """A (C,) vector as (1, C, 1) for broadcasting against (N, C, H*W)."""
+    return v.reshape(1, -1, 1)
+
+
+def _channel_sum(plane_values):
+    """(N, C) per-plane values -> (C,) sums over the images."""
+    return plane_values.sum(axis=0)
+
+
+def _stats_gpu(x3, epsilon):
+    k = _kb.kernels()
+    N, C, HW = x3.shape
+    M = N * HW
+    if M == 0:
+        raise ValueError(f'bnorm: batch statistics of an empty batch (x shape {x3.shape[::-1]})')
+    dt = x3.dtype.type
+    mu = _channel_sum(k['sum'](x3, axis=2)) / dt(M)
+    var = _channel_sum(k['sqdev'](x3, _ch(mu), axis=2)) / dt(M)
+    import cupy as cp
+    sigma = cp.sqrt(var + dt(epsilon))
+    return mu, sigma
+
+
+def _moments_gpu(x3, moments, epsilon, cp):
+    """``(mu, sigma, m)``: the batch moments of x3 (``moments`` None) or the given ones, and
+    the (C, 2) moments used."""
+    if moments is None:
+        mu, sigma = _stats_gpu(x3, epsilon)
+        return mu, sigma, cp.stack([mu, sigma], axis=1)
+    return _split_moments(moments, x3.shape[1], x3.dtype, cp)
+
+
+def _x_dy_gpu(x, dy, cp):
+    """x and dy (already x's shape) Fortran-contiguous in x's dtype: ``(x, x3, dy3)``."""
+    x, x3 = _x3_gpu(x, cp)
+    _, dy3 = _x3_gpu(dy, cp, x.dtype)
+    return x, x3, dy3
+
+
+def _db_dg_gpu(dy3, x3, mu, sigma):
+    """``db = sum(dy)``, ``dg = sum(dy * (x - mu)) / sigma`` per channel."""
+    k = _kb.kernels()
+    db = _channel_sum(k['sum'](dy3, axis=2))
+    dg = _channel_sum(k['dotdev'](dy3, x3, _ch(mu), axis=2)) / sigma
+    return db, dg
+
+
+def _bnorm_moments_gpu(x, epsilon):
+    """GPU ``bnorm_moments`` (x checked, 4-D)."""
+    import cupy as cp
+    _, x3 = _x3_gpu(x, cp)
+    mu, sigma = _stats_gpu(x3, epsilon)
+    return cp.stack([mu, sigma], axis=1)
+
+
+def _bnorm_forward_gpu(x, g, b, moments, epsilon):
+    """GPU ``bnorm_forward`` -> ``(y, moments)`` (x already checked, 4-D; moments given
+    unless the batch statistics are wanted)."""
+    import cupy as cp
+    x, x3 = _x3_gpu(x, cp)
+    N, C, HW = x3.shape
+    dt = x.dtype
+    mu, sigma, out_moments = _moments_gpu(x3, moments, epsilon, cp)
+    y3 = _kb.kernels()['norm'](x3, _ch(mu), _ch(_channels(g, C, dt) / sigma),
+                               _ch(_channels(b, C, dt)))
+    return y3.reshape(N, C, *x.shape[1::-1]).T, out_moments
+
+
+def _bnorm_backward_gpu(x, g, b, dy, moments, epsilon):
+    """GPU ``bnorm_backward`` -> ``(dx, dg, db, moments)`` (x checked, dy of x's shape)."""
+    import cupy as cp
+    x, x3, dy3 = _x_dy_gpu(x, dy, cp)
+    N, C, HW = x3.shape
+    dt = x.dtype
+    mu, sigma, out_moments = _moments_gpu(x3, moments, epsilon, cp)
+    M = dt.type(N * HW)
+    db, dg = _db_dg_gpu(dy3, x3, mu, sigma)
+    G1 = _channels(g, C, dt) / sigma
+    G2 = G1 * dg / (M * sigma)
+    muz = db / M
+    dx3 = _kb.kernels()['dx'](dy3, x3, _ch(mu), _ch(G1), _ch(G2), _ch(muz))
+    dx = dx3.reshape(N, C, *x.shape[1::-1]).T
+    return dx, dg.reshape(g.shape), db.reshape(b.shape), out_moments
+
+
+def _bnorm_backward_fixed_moments_gpu(x, g, b, dy, moments):
+    """GPU ``bnorm_backward_fixed_moments`` -> ``(dx, dg, db)`` (x checked, dy of x's shape)."""
+    import cupy as cp
+    x, x3, dy3 = _x_dy_gpu(x, dy, cp)
+    N, C, HW = x3.shape
+    dt = x.dtype
+    mu, sigma, _ = _split_moments(moments, C, dt, cp)
+    db, dg = _db_dg_gpu(dy3, x3, mu, sigma)
+    dx3 = _kb.kernels()['scale'](dy3, _ch(_channels(g, C, dt) / sigma))
+    return dx3.reshape(N, C, *x.shape[1::-1]).T, dg.reshape(g.shape), db.reshape(b.shape)
 
 
 @register('dagnn.BatchNorm')
@@ -204,9 +321,22 @@ class BatchNorm(Layer):
     #: backward reads x, not y: the engine may free y after its last forward consumer
     #: when that one does not need it either (BN -> ReLU)
     backward_needs_outputs = False
+    param_roles = ('vector', 'vector', 'moments')
+
+    def check_param_shapes(self, values, names):
+        """g, b and the moments have one row per channel, ``numChannels`` of them (when set)."""
+        nc = property_ints(self.numChannels)
+        counts = []
+        for k, v in enumerate(values[:3]):
+            if v is not None:
+                counts.append((names[k], v.shape[0]))
+        if nc:
+            counts.insert(0, ('numChannels', nc[0]))
+        if len({c for _, c in counts}) > 1:
+            raise ValueError('channel counts disagree: ' + ', '.join(f'{n} {c}' for n, c in counts))
 
     def _eps(self):
-        return float(np.asarray(self.epsilon).reshape(-1)[0])
+        return float(first_value(self.epsilon))
 
     def forward(self, inputs, params):
         x = inputs[0]
@@ -235,7 +365,7 @@ class BatchNorm(Layer):
     def init_params(self, rng, dtype=np.float32):
         if self.numChannels is None:
             raise ValueError('BatchNorm.init_params: numChannels is not set')
-        C = int(np.asarray(self.numChannels).reshape(-1)[0])
+        C = int(first_value(self.numChannels))
         return [np.ones(C, dtype), np.zeros(C, dtype), np.zeros((C, 2), dtype, order='F')]
 
     def param_defaults(self):

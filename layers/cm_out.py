@@ -20,6 +20,7 @@ import numpy as np
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
 from pydagnn.routing import route_index, route_order
+from pydagnn.layers._common import first_value
 
 __all__ = ['cm_out_forward', 'cm_out_backward', 'CM_out']
 
@@ -52,7 +53,7 @@ def _dim(ys, default, op):
     dims = {y.shape[2] for y in ys if y is not None and y.size}
     if len(dims) > 1:
         raise ValueError(f'{op}: CM outputs have different sizes {sorted(dims)}')
-    return dims.pop() if dims else int(np.asarray(default).ravel()[0])
+    return dims.pop() if dims else int(first_value(default))
 
 
 def cm_out_forward(sfm, mask, ys, hdim=None, order=None):

@@ -4,6 +4,7 @@
 """
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import first_value, shape4
 
 __all__ = ['concat_forward', 'concat_backward', 'Concat']
 
@@ -15,19 +16,12 @@ def _axis(dim, op):
     return d - 1
 
 
-def _shape4(s):
-    s = tuple(int(v) for v in s)
-    if len(s) > 4:
-        raise ValueError(f'concat: arrays must have at most 4 dimensions, got shape {s}')
-    return s + (1,) * (4 - len(s))
-
-
 def concat_forward(inputs, dim=3):
     """``cat(dim, inputs{:})`` for H x W x C x N arrays; result Fortran-contiguous."""
     if len(inputs) == 0:
         raise ValueError('concat_forward: no inputs')
     ax = _axis(dim, 'concat_forward')
-    shapes = [_shape4(a.shape) for a in inputs]
+    shapes = [shape4(a.shape, 'arrays', 'concat') for a in inputs]
     ref = shapes[0]
     for k, s in enumerate(shapes):
         if any(s[i] != ref[i] for i in range(4) if i != ax):
@@ -52,8 +46,8 @@ def concat_backward(dy, input_sizes, dim=3):
     shapes); each piece a Fortran-contiguous copy."""
     xp = get_array_module(dy)
     ax = _axis(dim, 'concat_backward')
-    shapes = [_shape4(s) for s in input_sizes]
-    dy4 = dy.reshape(_shape4(dy.shape))
+    shapes = [shape4(s, 'arrays', 'concat') for s in input_sizes]
+    dy4 = dy.reshape(shape4(dy.shape, 'arrays', 'concat'))
     total = sum(s[ax] for s in shapes)
     if total != dy4.shape[ax]:
         raise ValueError(f'concat_backward: dy has shape {dy.shape} but the inputs {shapes} '
@@ -84,8 +78,7 @@ class Concat(Layer):
         super().load(props)
 
     def _dim(self):
-        import numpy as np
-        return int(np.asarray(self.dim).reshape(-1)[0])
+        return int(first_value(self.dim))
 
     def forward(self, inputs, params):
         self.inputSizes = [tuple(a.shape) for a in inputs]
@@ -102,8 +95,8 @@ class Concat(Layer):
         if any(s is None for s in input_sizes):
             return [None]
         ax = self._dim() - 1
-        out = list(_shape4(input_sizes[0]))
-        out[ax] = sum(_shape4(s)[ax] for s in input_sizes)
+        out = list(shape4(input_sizes[0], 'arrays', 'concat'))
+        out[ax] = sum(shape4(s, 'arrays', 'concat')[ax] for s in input_sizes)
         return [tuple(out)]
 
     def reset(self):

@@ -1,4 +1,4 @@
-"""Convolution (MatConvNet's ``vl_nnconv`` and ``dagnn.Conv``), CPU.
+"""Convolution (MatConvNet's ``vl_nnconv`` and ``dagnn.Conv``), CPU and GPU.
 
 ``conv_forward(x, w, b=None, pad=0, stride=1, dilate=1) -> y``
 ``conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1) -> (dx, dw, db)``
@@ -20,14 +20,21 @@ stays in cache; the backward pass is one GEMM for ``dw`` and one for ``dx`` per 
 then col2im (numba). The batch is split over worker threads, each streaming through
 its own images with single-threaded BLAS (see :mod:`pydagnn.layers.kernels.threads_cpu`).
 The dtype of ``x`` is kept (float32 or float64); the results are Fortran-contiguous.
+
+CuPy inputs take the GPU path (``_conv_forward_gpu`` / ``_conv_backward_gpu`` below): the
+same geometry and checks, CUDA im2col / col2im (:mod:`pydagnn.layers.kernels.im2col_gpu`)
+around cuBLAS GEMMs.
 """
 import math
 
 import numpy as np
 
-from pydagnn.backend import get_array_module, is_gpu_array
-from pydagnn.layer import Layer, register
+from pydagnn.backend import is_gpu_array
+from pydagnn.layer import Layer, check_filter_params, register
+from pydagnn.layers._common import (as4d, flag, float_map, fortran, output_derivative, parse_pad,
+                                    parse_pair, window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
+from pydagnn.layers.kernels import im2col_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'parse_pair', 'Conv']
@@ -37,97 +44,30 @@ __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'pa
 #: 32x32 and larger (or many channels) get one image per chunk.
 COL_CHUNK_BYTES = 2 << 20
 
-
-# --------------------------------------------------------------------------- options
-def _ints(v, name, op):
-    """Flatten an option (number, list, numpy array of any shape) to a tuple of ints."""
-    if v is None:
-        raise ValueError(f'{op}: {name} is None')
-    a = np.asarray(v, dtype=np.float64).ravel()
-    if a.size and not np.all(a == np.round(a)):
-        raise ValueError(f'{op}: {name} must be integers, got {a.tolist()}')
-    return tuple(int(t) for t in a)
-
-
-def parse_pad(pad, op='conv'):
-    """pad as 1, 2 ([vertical horizontal]) or 4 ([top bottom left right]) numbers
-    -> (top, bottom, left, right)."""
-    p = _ints(pad, 'pad', op)
-    if len(p) == 1:
-        p = p * 4
-    elif len(p) == 2:
-        p = (p[0], p[0], p[1], p[1])
-    elif len(p) != 4:
-        raise ValueError(f'{op}: pad must have 1, 2 or 4 elements, got {list(p)}')
-    if min(p) < 0:
-        raise ValueError(f'{op}: pad must be non-negative, got {list(p)}')
-    return p
-
-
-def parse_pair(v, name, op='conv'):
-    """stride / dilate / pool size as 1 or 2 numbers -> (vertical, horizontal), each >= 1."""
-    p = _ints(v, name, op)
-    if len(p) == 1:
-        p = p * 2
-    elif len(p) != 2:
-        raise ValueError(f'{op}: {name} must have 1 or 2 elements, got {list(p)}')
-    if min(p) < 1:
-        raise ValueError(f'{op}: {name} must be >= 1, got {list(p)}')
-    return p
-
-
-def _window_outputs(H, W, pad, fh, fw, sy, sx):
-    """(Ho, Wo): the positions of an ``fh x fw`` window at strides ``(sy, sx)`` over an
-    ``H x W`` map padded by ``pad`` = (top, bottom, left, right), MatConvNet's formula
-    (convolution with the dilated filter size, and pooling)."""
-    pt, pb, pl, pr = pad
-    return (H + pt + pb - fh) // sy + 1, (W + pl + pr - fw) // sx + 1
+#: GPU: upper bound in bytes of the im2col buffer of one chunk of images (the CuPy memory
+#: pool reuses it from call to call)
+COL_BYTES = 128 << 20
 
 
 def conv_output_size(H, W, FH, FW, pad=0, stride=1, dilate=1):
     """(Ho, Wo) of a convolution, MatConvNet's formula."""
     ry, rx = parse_pair(dilate, 'dilate')
-    return _window_outputs(H, W, parse_pad(pad), (FH - 1) * ry + 1, (FW - 1) * rx + 1,
-                           *parse_pair(stride, 'stride'))
+    return window_outputs(H, W, parse_pad(pad), (FH - 1) * ry + 1, (FW - 1) * rx + 1,
+                          *parse_pair(stride, 'stride'))
 
 
-def _as4d(a, name, op, xp=np):
-    """``a`` as an array of module ``xp`` (numpy or cupy) with 4 dimensions."""
-    a = xp.asarray(a)
-    if a.ndim > 4:
-        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
-    if a.ndim < 4:   # MATLAB drops trailing singleton dimensions
-        a = a.reshape(a.shape + (1,) * (4 - a.ndim), order='F')
-    return a
-
-
-def _fortran(a, dtype, xp=np):
-    """``a`` as a Fortran-contiguous array of ``dtype`` (no copy when it already is one)."""
-    if a.dtype == dtype and a.flags.f_contiguous:
-        return a
-    return xp.asfortranarray(a, dtype=dtype)
-
-
-def _output_derivative(g, dy, op):
-    """``dy`` of a geometry ``g``'s call (conv or pool: ``g.out_shape``, ``g.dtype``, ``g.xp``,
-    ``g.describe()``), checked against the output shape, Fortran-contiguous in g.dtype."""
-    dy = _as4d(dy, 'dy', op, g.xp)
-    if dy.shape != g.out_shape:
-        raise ValueError(f'{op}: dy has shape {dy.shape}, expected {g.out_shape} ({g.describe()})')
-    return _fortran(dy, g.dtype, g.xp)
-
+# --------------------------------------------------------------------------- geometry
 
 class _Geom:
     """Checked shapes and options of one convolution call, on either device: the arrays
     (``x``, ``w``, ``b``) are those of ``xp``, the module of ``x`` (numpy or cupy); the GPU
-    path (:mod:`pydagnn.layers.kernels.im2col_gpu`) uses it as the CPU path does."""
+    path and its kernels (:mod:`pydagnn.layers.kernels.im2col_gpu`) read it as the CPU
+    path does."""
 
     def __init__(self, x, w, b, pad, stride, dilate, op):
-        self.xp = xp = get_array_module(x)
-        x = _as4d(x, 'x', op, xp)
-        w = _as4d(w, 'filters', op, xp)
-        if x.dtype.kind != 'f':
-            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        x, xp = float_map(x, op)
+        self.xp = xp
+        w = as4d(w, 'filters', op, xp)
         self.dtype = x.dtype
         self.H, self.W, self.C, self.N = x.shape
         self.FH, self.FW, self.Cin, self.Cout = w.shape
@@ -150,13 +90,13 @@ class _Geom:
             raise ValueError(f'{op}: filters of shape {w.shape} (dilated {self.fhe}x{self.fwe}) '
                              f'are larger than the padded input: x shape {x.shape}, pad '
                              f'{[self.pt, self.pb, self.pl, self.pr]}')
-        self.Ho, self.Wo = _window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
-                                           self.fhe, self.fwe, self.sy, self.sx)
+        self.Ho, self.Wo = window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
+                                          self.fhe, self.fwe, self.sy, self.sx)
         self.P = self.Ho * self.Wo
         self.Kg = self.Cin * self.FW * self.FH
         self.K = self.C * self.FW * self.FH
-        self.x = _fortran(x, self.dtype, xp)
-        self.w = _fortran(w, self.dtype, xp)
+        self.x = fortran(x, self.dtype, xp)
+        self.w = fortran(w, self.dtype, xp)
         self.w_dtype = w.dtype if w.dtype.kind == 'f' else self.dtype
         self.b = None
         self.b_dtype = None
@@ -191,7 +131,7 @@ class _Geom:
 
     def dy(self, dy, op):
         """``dy`` checked against the output shape, Fortran-contiguous in x's dtype."""
-        return _output_derivative(self, dy, op)
+        return output_derivative(self, dy, op)
 
     def describe(self):
         return f'x {self.x.shape}, filters {self.w.shape}'
@@ -214,10 +154,15 @@ def conv_forward(x, w, b=None, pad=0, stride=1, dilate=1):
     x: (H, W, C, N); w: (FH, FW, Cin, Cout) with C a multiple of Cin (groups); b: Cout
     values or None/empty. Returns y (Ho, Wo, Cout, N), Fortran-contiguous, x's dtype.
     """
-    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/im2col_gpu.py)
-        from pydagnn.layers.kernels import im2col_gpu
-        return im2col_gpu.conv_forward(x, w, b, pad, stride, dilate)
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_forward')
+    if is_gpu_array(g.x):
+        return _conv_forward_gpu(g)
+    return _conv_forward_cpu(g)
+
+
+def _conv_forward_cpu(g):
+    """CPU forward of a checked call: GEMMs on x itself or im2col (numba) + GEMM per chunk,
+    the images split over worker threads."""
     y = np.empty(g.out_shape, dtype=g.dtype, order='F')
     if g.N == 0:
         return y
@@ -278,11 +223,15 @@ def conv_backward(x, w, b, dy, pad=0, stride=1, dilate=1):
     Returns ``(dx, dw, db)``: dx like x (x's dtype), dw like w, db of shape (Cout,)
     (None when b is None or empty). All Fortran-contiguous.
     """
-    if is_gpu_array(x):   # CuPy input: the GPU kernels (layers/kernels/im2col_gpu.py)
-        from pydagnn.layers.kernels import im2col_gpu
-        return im2col_gpu.conv_backward(x, w, b, dy, pad, stride, dilate)
     g = _Geom(x, w, b, pad, stride, dilate, 'conv_backward')
     dy = g.dy(dy, 'conv_backward')
+    if is_gpu_array(g.x):
+        return _conv_backward_gpu(g, dy)
+    return _conv_backward_cpu(g, dy)
+
+
+def _conv_backward_cpu(g, dy):
+    """CPU backward of a checked call (``dy`` checked by the geometry)."""
     N, P = g.N, g.P
     dx = np.empty(g.x.shape, dtype=g.dtype, order='F')
     dw = np.zeros(g.w.shape, dtype=g.dtype, order='F')
@@ -379,20 +328,125 @@ def _im2col_backward_part(g, xT, dxT, dyT3, wm):
     return part
 
 
+# --------------------------------------------------------------------------- GPU
+# CuPy arrays: im2col / col2im CUDA kernels (:mod:`pydagnn.layers.kernels.im2col_gpu`)
+# around cuBLAS GEMMs, with the CPU path's layout (``xT = x.T`` is the C-contiguous
+# ``(N, C, W, H)`` view; a chunk of ``m`` images unfolds into ``col`` of shape
+# ``(K, m * P)``, so the filters are the matrix ``w.T.reshape(Cout, K)``).
+# Forward per chunk: im2col, one GEMM ``(Cout, K) @ (K, m*P)``, one strided copy (with the
+# bias) into the output. Backward per chunk: ``dY`` of the chunk as ``(Cout, m*P)``,
+# ``dW += dY @ col.T`` (cuBLAS reads ``col.T`` transposed, no copy), ``dcol = W.T @ dY``
+# written over the column buffer, col2im (a gather: no atomics, deterministic).
+# 1x1 stride-1 unpadded convolutions are batched GEMMs on x itself, "fully connected"
+# ones one GEMM, as on the CPU. Chunks keep the column buffer under :data:`COL_BYTES`.
+def _conv_forward_gpu(g):
+    """GPU forward of a checked call."""
+    import cupy as cp
+    y = cp.empty(g.out_shape, dtype=g.dtype, order='F')
+    if g.N == 0:
+        return y
+    N, P, Cout = g.N, g.P, g.Cout
+    yT3 = y.T.reshape(N, Cout, P)
+    xT = g.x.T
+    wm = g.wmat()
+    if g.fc:
+        cp.matmul(xT.reshape(N, g.K), wm.T, out=yT3.reshape(N, Cout))
+    elif g.pointwise:
+        cp.matmul(wm, xT.reshape(N, g.C, P), out=yT3)
+    else:
+        nc = g.chunk(COL_BYTES)
+        col = cp.empty(g.K * nc * P, dtype=g.dtype)
+        tmp = cp.empty(Cout * nc * P, dtype=g.dtype)
+        Cog, Kg = Cout // g.G, g.Kg
+        for n0 in range(0, N, nc):
+            m = min(nc, N - n0)
+            c = col[:g.K * m * P].reshape(g.K, m * P)
+            _kg.im2col(xT, c, n0, m, g)
+            t = tmp[:Cout * m * P].reshape(Cout, m * P)
+            if g.G == 1:
+                cp.matmul(wm, c, out=t)
+            else:
+                for gi in range(g.G):
+                    cp.matmul(wm[gi * Cog:(gi + 1) * Cog], c[gi * Kg:(gi + 1) * Kg],
+                              out=t[gi * Cog:(gi + 1) * Cog])
+            tv = t.reshape(Cout, m, P).transpose(1, 0, 2)
+            if g.b is not None:
+                cp.add(tv, g.b[None, :, None], out=yT3[n0:n0 + m])
+            else:
+                yT3[n0:n0 + m] = tv
+        return y
+    if g.b is not None:
+        yT3 += g.b[None, :, None]
+    return y
+
+
+def _conv_backward_gpu(g, dy):
+    """GPU backward of a checked call: ``(dx, dw, db)``."""
+    import cupy as cp
+    N, P, Cout = g.N, g.P, g.Cout
+    dx = cp.empty(g.x.shape, dtype=g.dtype, order='F')
+    dw = cp.empty(g.w.shape, dtype=g.dtype, order='F')
+    db = None
+    if N == 0:
+        dw[...] = 0
+        if g.b is not None:
+            db = cp.zeros(Cout, dtype=g.dtype)
+        return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
+    xT, dxT = g.x.T, dx.T
+    dyT3 = dy.T.reshape(N, Cout, P)
+    wm = g.wmat()
+    dwm = dw.T.reshape(Cout, g.Kg)
+    if g.b is not None:
+        # per (image, channel) plane first: a contiguous reduction, then over the images
+        db = dyT3.sum(axis=2).sum(axis=0) if P > 1 else dyT3.reshape(N, Cout).sum(axis=0)
+    if g.fc:
+        x2 = xT.reshape(N, g.K)
+        dy2 = dyT3.reshape(N, Cout)
+        cp.matmul(dy2, wm, out=dxT.reshape(N, g.K))
+        cp.matmul(dy2.T, x2, out=dwm)
+    elif g.pointwise:
+        x3 = xT.reshape(N, g.C, P)
+        cp.matmul(cp.ascontiguousarray(wm.T), dyT3, out=dxT.reshape(N, g.C, P))
+        dwm[...] = cp.tensordot(dyT3, x3, axes=([0, 2], [0, 2]))
+    else:
+        nc = g.chunk(COL_BYTES)
+        Cog, Kg = Cout // g.G, g.Kg
+        col = cp.empty(g.K * nc * P, dtype=g.dtype)
+        dbuf = cp.empty(Cout * nc * P, dtype=g.dtype)
+        part = cp.empty_like(dwm) if N > nc else None
+        for n0 in range(0, N, nc):
+            m = min(nc, N - n0)
+            c = col[:g.K * m * P].reshape(g.K, m * P)
+            _kg.im2col(xT, c, n0, m, g)
+            d = dbuf[:Cout * m * P].reshape(Cout, m * P)
+            d.reshape(Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
+            target = dwm if n0 == 0 else part
+            for gi in range(g.G):
+                rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+                if g.G == 1:
+                    cp.matmul(d, c.T, out=target)
+                else:
+                    target[rs] = cp.matmul(d[rs], c[ks].T)
+            if n0 > 0:
+                dwm += part
+            # dcol = W.T @ dY over the column buffer, then fold it back
+            for gi in range(g.G):
+                rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
+                if g.G == 1:
+                    cp.matmul(wm.T, d, out=c)
+                else:
+                    c[ks] = cp.matmul(wm[rs].T, d[rs])
+            _kg.col2im(c, dxT, n0, m, g)
+    return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
+
+
 # --------------------------------------------------------------------------- block
-def _flag(v):
-    """A MATLAB logical as loaded (bool, 0/1, uint8 array) -> bool."""
-    a = np.asarray(v).ravel()
-    if a.size == 0:
-        return False
-    return bool(a[0])
-
-
 @register('dagnn.Conv')
 class Conv(Layer):
     """``dagnn.Conv``: inputs [x], params [filters] or [filters, biases], outputs [y]."""
     #: backward reads x, not y: the engine may free y (conv -> ReLU)
     backward_needs_outputs = False
+    param_roles = ('filter', 'vector')
     properties = {
         'size': [0, 0, 0, 0],
         'hasBias': True,
@@ -406,8 +460,12 @@ class Conv(Layer):
         s = [int(v) for v in np.asarray(self.size, dtype=np.float64).ravel()]
         return (s + [1, 1, 1, 1])[:4]
 
+    def check_param_shapes(self, values, names):
+        """The filters against ``size``, the biases against the filters' Cout."""
+        check_filter_params(values, names, self.size, out_axis=3)
+
     def _bias(self, params):
-        if _flag(self.hasBias) and len(params) > 1 and params[1] is not None \
+        if flag(self.hasBias) and len(params) > 1 and params[1] is not None \
                 and np.size(params[1]) > 0:
             return params[1]
         return None
@@ -445,6 +503,6 @@ class Conv(Layer):
         fh, fw, cin, cout = self._size4()
         sc = math.sqrt(2.0 / (fh * fw * cin))
         f = np.asfortranarray((rng.standard_normal((fh, fw, cin, cout)) * sc).astype(dtype))
-        if _flag(self.hasBias):
+        if flag(self.hasBias):
             return [f, np.zeros(cout, dtype=dtype)]
         return [f]

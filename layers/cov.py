@@ -34,10 +34,11 @@ import functools
 
 import numpy as np
 
-from pydagnn.backend import get_array_module
+from pydagnn.backend import get_array_module, is_gpu_array
 from pydagnn.layer import Layer, register
 
-from .kernels.threads_cpu import parallel_for, split
+from pydagnn.layers._common import as4d, int_option
+from pydagnn.layers.kernels.threads_cpu import parallel_for, split
 
 __all__ = ['cov_pool_forward', 'cov_pool_backward', 'trace_norm_forward', 'trace_norm_backward',
            'sqrtm_forward', 'sqrtm_backward', 'scale_tr_forward', 'scale_tr_backward',
@@ -58,7 +59,7 @@ def _by_images(n_arrays):
         def wrapper(*args, **kwargs):
             arrays, rest = args[:n_arrays], args[n_arrays:]
             first = arrays[0]
-            if get_array_module(first) is not np or getattr(first, 'ndim', 0) != 4 or first.shape[-1] < 2:
+            if is_gpu_array(first) or getattr(first, 'ndim', 0) != 4 or first.shape[-1] < 2:
                 return fn(*args, **kwargs)
             n = first.shape[-1]
 
@@ -83,19 +84,9 @@ def _assemble(parts, bounds):
     return out
 
 
-def _as4(a, name, op):
-    if a is None:
-        raise ValueError(f'{op}: {name} is missing')
-    if a.ndim > 4:
-        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {a.shape}')
-    if a.ndim < 4:
-        a = a.reshape(a.shape + (1,) * (4 - a.ndim))
-    return a
-
-
 def _square(a, name, op):
     """A ``d x d x 1 x N`` array -> (a, d, N)."""
-    a = _as4(a, name, op)
+    a = as4d(a, name, op)
     d, d2, one, N = a.shape
     if d != d2 or one != 1:
         raise ValueError(f'{op}: {name} must be d x d x 1 x N, got shape {a.shape}')
@@ -126,17 +117,6 @@ def triu_indices_colmajor(d, xp=np):
     return xp.asarray(rows), xp.asarray(cols)
 
 
-def _int_option(v, name, op):
-    """A positive integer option (the mex casts to int and rejects <= 0)."""
-    a = np.asarray(v).ravel()
-    if a.size != 1:
-        raise ValueError(f'{op}: {name} must be a scalar, got {v!r}')
-    f = float(a[0])
-    if f != int(f) or f <= 0:
-        raise ValueError(f'{op}: {name} must be a positive integer, got {v!r}')
-    return int(f)
-
-
 # ---------------------------------------------------------------------------- cov pool
 def _positions(x):
     """``H x W x d x N`` -> ``(N, d, M)`` (X' per image; a view when x is F-contiguous)."""
@@ -147,7 +127,7 @@ def _positions(x):
 @_by_images(1)
 def cov_pool_forward(x):
     """``P = X' Ibar X`` per image, symmetrised. x: ``H x W x d x N`` -> ``d x d x 1 x N``."""
-    x = _as4(x, 'x', 'cov_pool_forward')
+    x = as4d(x, 'x', 'cov_pool_forward')
     H, W, d, N = x.shape
     M = H * W
     if M == 0:
@@ -162,7 +142,7 @@ def cov_pool_forward(x):
 @_by_images(2)
 def cov_pool_backward(x, dP):
     """``dX = 2 Ibar X sym(dP)`` per image. Returns dx shaped like x (``H x W x d x N``)."""
-    x = _as4(x, 'x', 'cov_pool_backward')
+    x = as4d(x, 'x', 'cov_pool_backward')
     H, W, d, N = x.shape
     dP, dd, dN = _square(dP, 'dP', 'cov_pool_backward')
     if dd != d or dN != N:
@@ -201,7 +181,7 @@ def trace_norm_backward(P, tr, dA, dtr=None):
         dP = xp.zeros(P.shape, dtype=P.dtype, order='F')
         coef = xp.zeros(N, dtype=P.dtype)
     else:
-        dA = _as4(dA, 'dA', 'trace_norm_backward')
+        dA = as4d(dA, 'dA', 'trace_norm_backward')
         if dA.shape != P.shape:
             raise ValueError(f'trace_norm_backward: dA has shape {dA.shape}, P has shape {P.shape}')
         dot = (P * dA).sum(axis=(0, 1, 2))
@@ -222,8 +202,8 @@ def sqrtm_forward(A, coef=1, iter_num=3):
     (see the module docstring for what Y and Z hold)."""
     xp = get_array_module(A)
     A, d, N = _square(A, 'A', 'sqrtm_forward')
-    c = _int_option(coef, 'coef', 'sqrtm_forward')
-    K = _int_option(iter_num, 'iter_num', 'sqrtm_forward')
+    c = int_option(coef, 'coef', 'sqrtm_forward')
+    K = int_option(iter_num, 'iter_num', 'sqrtm_forward')
     dt = A.dtype
     I3 = 3 * xp.eye(d, dtype=dt)
     Yaux = xp.zeros((d, d, K, N), dtype=dt, order='F')
@@ -257,8 +237,8 @@ def sqrtm_backward(A, Y, Z, dy, coef=1, iter_num=3):
     """
     xp = get_array_module(A)
     A, d, N = _square(A, 'A', 'sqrtm_backward')
-    c = _int_option(coef, 'coef', 'sqrtm_backward')
-    K = _int_option(iter_num, 'iter_num', 'sqrtm_backward')
+    c = int_option(coef, 'coef', 'sqrtm_backward')
+    K = int_option(iter_num, 'iter_num', 'sqrtm_backward')
     L = d * (d + 1) // 2
     if dy.size != L * N:
         raise ValueError(f'sqrtm_backward: dy has shape {dy.shape}, expected (1, 1, {L}, {N}) '
@@ -307,8 +287,8 @@ def sqrtm_backward(A, Y, Z, dy, coef=1, iter_num=3):
 def scale_tr_forward(v, tr):
     """``y = sqrt(tr) * v``; v ``1 x 1 x L x N``, tr ``1 x 1 x 1 x N``."""
     xp = get_array_module(v)
-    v = _as4(v, 'v', 'scale_tr_forward')
-    tr = _as4(tr, 'tr', 'scale_tr_forward')
+    v = as4d(v, 'v', 'scale_tr_forward')
+    tr = as4d(tr, 'tr', 'scale_tr_forward')
     if tr.size != v.shape[3]:
         raise ValueError(f'scale_tr_forward: tr has shape {tr.shape}, v has shape {v.shape}')
     return xp.asfortranarray(v * xp.sqrt(tr.reshape(1, 1, 1, -1)))
@@ -318,8 +298,8 @@ def scale_tr_backward(v, tr, dy):
     """``(dv, dtr) = (sqrt(tr) * dy, v . dy)`` -- dtr without ``1/(2 sqrt(tr))``, which
     :func:`trace_norm_backward` applies."""
     xp = get_array_module(v)
-    v = _as4(v, 'v', 'scale_tr_backward')
-    dy = _as4(dy, 'dy', 'scale_tr_backward')
+    v = as4d(v, 'v', 'scale_tr_backward')
+    dy = as4d(dy, 'dy', 'scale_tr_backward')
     if dy.shape != v.shape:
         raise ValueError(f'scale_tr_backward: dy has shape {dy.shape}, v has shape {v.shape}')
     tr4 = tr.reshape(1, 1, 1, -1)
@@ -398,7 +378,7 @@ class OBJ_ConvNet_Cov_Sqrtm(Layer):
         if s is None:
             return [None, None, None]
         d, N = s[0], s[3]
-        K = _int_option(self.iterNum, 'iterNum', 'OBJ_ConvNet_Cov_Sqrtm')
+        K = int_option(self.iterNum, 'iterNum', 'OBJ_ConvNet_Cov_Sqrtm')
         return [(1, 1, d * (d + 1) // 2, N), (d, d, K, N), (d, d, K, N)]
 
 

@@ -5,8 +5,10 @@
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module, to_host
+from pydagnn.backend import get_array_module, is_gpu_array, to_host
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import first_value
+from pydagnn.layers.kernels import eltwise_gpu as _ke
 
 __all__ = ['dropout_mask', 'dropout_forward', 'dropout_backward', 'DropOut']
 
@@ -35,7 +37,7 @@ def dropout_forward(x, rate=0.5, mask=None, rng=None):
         if rng is None:
             raise ValueError('dropout_forward: give a mask or a random generator')
         mask = dropout_mask(x.shape, rate, rng, x.dtype, xp)
-        return _apply(x, mask, xp), mask
+        return _apply(x, mask), mask
     if xp is np:
         mask = to_host(mask)                     # a mask set while the net was on the GPU
     elif isinstance(mask, np.ndarray):
@@ -44,23 +46,31 @@ def dropout_forward(x, rate=0.5, mask=None, rng=None):
         if mask.size != x.size:
             raise ValueError(f'dropout_forward: mask has shape {mask.shape}, x has shape {x.shape}')
         mask = mask.reshape(x.shape, order='F')
-    return _apply(x, mask, xp), mask
+    return _apply(x, mask), mask
 
 
-def _apply(x, mask, xp):
-    if xp.__name__ == 'cupy':   # coalesced in x's memory order
-        from pydagnn.layers.kernels import eltwise_gpu
-        return xp.asfortranarray(eltwise_gpu.mul_forward(x, mask))
-    return xp.asfortranarray((x * mask).astype(x.dtype, copy=False))
+def _apply(x, mask):
+    if is_gpu_array(x):
+        return _apply_gpu(x, mask)
+    return _apply_cpu(x, mask)
+
+
+def _apply_cpu(x, mask):
+    return np.asfortranarray((x * mask).astype(x.dtype, copy=False))
+
+
+def _apply_gpu(x, mask):
+    """Coalesced in x's memory order (layers/kernels/eltwise_gpu.py)."""
+    import cupy as cp
+    return cp.asfortranarray(_ke.mul_forward(x, mask))
 
 
 def dropout_backward(dy, mask):
     """``dy .* mask``."""
-    xp = get_array_module(dy)
     if mask.size != dy.size:
         raise ValueError(f'dropout_backward: mask has shape {mask.shape}, dy has shape {dy.shape}')
     m = mask.reshape(dy.shape, order='F') if mask.shape != dy.shape else mask
-    return _apply(dy, m, xp)
+    return _apply(dy, m)
 
 
 @register('dagnn.DropOut')
@@ -88,7 +98,7 @@ class DropOut(Layer):
         super().__init__(**props)
 
     def _rate(self):
-        return float(np.asarray(self.rate).reshape(-1)[0])
+        return float(first_value(self.rate))
 
     def forward(self, inputs, params):
         x = inputs[0]

@@ -42,7 +42,8 @@ on the device.
 import numpy as np
 
 from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+from pydagnn.layer import Layer, property_ints, register
+from pydagnn.layers._common import first_value
 from pydagnn.routing import GateValue  # the gate format lives with the engine's routing
 
 __all__ = ['softplus', 'hx_forward', 'hx_backward', 'topk_mask', 'gating_forward',
@@ -202,10 +203,19 @@ class H_x(Layer):
     """
     properties = {'size': [], 'hasBias': False, 'topk': 8, 'CM_num': 16, 'f_size': [1, 1],
                   'dim_in': 128}
+    param_roles = ('matrix', 'matrix')
 
     def __init__(self, **props):
         self.noise = None
         super().__init__(**props)
+
+    def check_param_shapes(self, values, names):
+        """Both weight matrices have the shape ``size`` = [D, K] (when it is set)."""
+        size = property_ints(self.size)
+        for k, v in enumerate(values[:2]):
+            if v is not None and len(size) == 2 and tuple(v.shape) != tuple(size):
+                raise ValueError(f'param {names[k]!r} has shape {tuple(v.shape)} but the block\'s '
+                                 f'size is {size}')
 
     def _gamma(self, N, xp):
         if self.mode == 'test':
@@ -263,7 +273,7 @@ class gating(Layer):
 
     def forward(self, inputs, params):
         H = _first(inputs[0])
-        topk = int(np.asarray(self.topk).ravel()[0])
+        topk = int(first_value(self.topk))
         sfm, mask, masked, sums, counts = gating_forward(H, topk, self.rng, return_counts=True)
         return [GateValue((sfm, mask, masked, None, None, sums), counts)]
 

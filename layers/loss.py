@@ -30,56 +30,13 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as4d, as_scalar, first_value, opts_to_dict
 
 __all__ = ['loss_forward', 'loss_backward', 'Loss', 'opts_to_dict', 'as_scalar',
            'CATEGORICAL_LOSSES', 'BINARY_LOSSES']
 
 CATEGORICAL_LOSSES = ('softmaxlog', 'log', 'classerror', 'topkerror', 'mhinge', 'mshinge')
 BINARY_LOSSES = ('binaryerror', 'binarylog', 'logistic', 'hinge')
-
-
-def opts_to_dict(opts, where='opts'):
-    """A MatConvNet ``opts`` cell (``{'name', value, ...}``, as a list, tuple or object
-    array; empty or None) or a dict -> dict with lower-case names (vl_argparse matches
-    names case-insensitively). Lone flags such as ``'NoCuDNN'`` map to True."""
-    if opts is None:
-        return {}
-    if isinstance(opts, dict):
-        return {str(k).lower(): v for k, v in opts.items()}
-    if isinstance(opts, np.ndarray):
-        opts = list(opts.reshape(-1, order='F'))
-    if isinstance(opts, str):
-        opts = [opts]
-    out = {}
-    items = list(opts)
-    i = 0
-    while i < len(items):
-        name = items[i]
-        if isinstance(name, np.ndarray) and name.dtype.kind == 'U':
-            name = str(name.reshape(-1)[0]) if name.size else ''
-        if not isinstance(name, str):
-            raise ValueError(f'{where}: expected an option name at position {i}, got {name!r}')
-        key = name.lower()
-        if key in _FLAGS or i + 1 == len(items):
-            out[key] = True
-            i += 1
-        else:
-            out[key] = items[i + 1]
-            i += 2
-    return out
-
-
-_FLAGS = ('nocudnn', 'cudnn')
-
-
-def as_scalar(v):
-    """A Python number from a number or a one-element array (MATLAB scalars load as 1x1)."""
-    if isinstance(v, (bool, int, float)):
-        return v
-    a = np.asarray(v)
-    if a.size != 1:
-        raise ValueError(f'expected a scalar, got an array of shape {a.shape}')
-    return a.reshape(-1)[0].item()
 
 
 def _prepare(x, label, loss, instance_weights, op):
@@ -91,9 +48,7 @@ def _prepare(x, label, loss, instance_weights, op):
     if loss not in CATEGORICAL_LOSSES and loss not in BINARY_LOSSES:
         known = ', '.join(CATEGORICAL_LOSSES + BINARY_LOSSES)
         raise ValueError(f'{op}: unknown loss {loss!r} (known: {known})')
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must be H x W x C x N, got shape {x.shape}')
-    x4 = x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim < 4 else x
+    x4 = as4d(x, 'x', op)
     H, W, C, N = x4.shape
     label = xp.asarray(label)
     n = label.size
@@ -121,10 +76,7 @@ def _prepare(x, label, loss, instance_weights, op):
     w = (c != 0).astype(x.dtype)
     if instance_weights is not None:
         iw = xp.asarray(instance_weights).astype(x.dtype, copy=False)
-        if iw.ndim > 4:
-            raise ValueError(f'{op}: instance weights must have at most 4 dimensions, '
-                             f'got {iw.shape}')
-        iw4 = iw.reshape(iw.shape + (1,) * (4 - iw.ndim))
+        iw4 = as4d(iw, 'instance weights', op)
         if all(iw4.shape[i] in (1, tshape[i]) for i in range(4)):
             pass                                    # MATLAB bsxfun broadcasting
         elif loss in CATEGORICAL_LOSSES and iw.size == N:
@@ -304,7 +256,7 @@ class Loss(Layer):
                              f'(known: topK, instanceWeights, threshold, loss, classWeights)')
         loss = o.get('loss', self.loss)
         if isinstance(loss, np.ndarray):
-            loss = str(loss.reshape(-1)[0])
+            loss = str(first_value(loss))
         iw = inputs[2] if len(inputs) > 2 and inputs[2] is not None else o.get('instanceweights')
         if isinstance(iw, np.ndarray) and iw.size == 0:
             iw = None

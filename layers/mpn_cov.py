@@ -30,18 +30,13 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from .cov import triu_indices_colmajor
+from pydagnn.layers._common import as4d, first_value
+from pydagnn.layers.cov import triu_indices_colmajor
 
 __all__ = ['mpn_cov_forward', 'mpn_cov_backward', 'MPN_COV_Pool']
 
 _POWER = ('power', 'power+1st_order', 'AF', 'power+mat-fro')
 _MATL2 = ('power+mat-l2', 'mat-l2')
-
-
-def _as4(x, op):
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must be H x W x D x N, got shape {x.shape}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim < 4 else x
 
 
 def _method(method):
@@ -97,11 +92,11 @@ def _fun(s, keep, regu_method, alpha, epsilon, xp):
 def mpn_cov_forward(x, method='covariance_small', regu_method='power', alpha=0.5, epsilon=1e-12):
     """x: ``H x W x D x N`` -> (y, V, S); see the module docstring."""
     xp = get_array_module(x)
-    x = _as4(x, 'mpn_cov_forward')
+    x = as4d(x, 'x', 'mpn_cov_forward')
     H, W, D, N = x.shape
     method, regu_method = _method(method), _method(regu_method)
-    alpha = float(np.asarray(alpha).ravel()[0])
-    epsilon = float(np.asarray(epsilon).ravel()[0])
+    alpha = float(first_value(alpha))
+    epsilon = float(first_value(epsilon))
     _, V, s, keep = _decompose(x)
     f = _fun(s, keep, regu_method, alpha, epsilon, xp)
     Pf = (V * f[:, None, :]) @ V.swapaxes(1, 2)          # (N, D, D)
@@ -124,12 +119,12 @@ def mpn_cov_backward(x, V, S, dy, method='covariance_small', regu_method='power'
     """Derivative of :func:`mpn_cov_forward` with respect to x (V, S: its 2nd and 3rd
     outputs, recomputed when ``None``)."""
     xp = get_array_module(x)
-    x = _as4(x, 'mpn_cov_backward')
+    x = as4d(x, 'x', 'mpn_cov_backward')
     H, W, D, N = x.shape
     n = H * W
     method, regu_method = _method(method), _method(regu_method)
-    alpha = float(np.asarray(alpha).ravel()[0])
-    epsilon = float(np.asarray(epsilon).ravel()[0])
+    alpha = float(first_value(alpha))
+    epsilon = float(first_value(epsilon))
     xt = x.T.reshape(N, D, W * H)
     xc = xt - xt.mean(axis=2, keepdims=True)
     if V is None or S is None:

@@ -24,11 +24,12 @@ output allocation and the global-average path are this module's, for both device
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
-from pydagnn.layers.conv import (parse_pad, parse_pair, _as4d, _fortran, _output_derivative,
-                                 _window_outputs)
+from pydagnn.layers._common import (first_value, float_map, fortran, output_derivative, parse_pad,
+                                    parse_pair, window_outputs)
 from pydagnn.layers.kernels import pool_cpu as _k
+from pydagnn.layers.kernels import pool_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['pool_forward', 'pool_backward', 'pool_output_size', 'Pooling']
@@ -38,7 +39,7 @@ _METHODS = ('max', 'avg')
 
 def _method(m, op):
     if isinstance(m, np.ndarray):
-        m = m.ravel()[0] if m.size else ''
+        m = first_value(m) if m.size else ''
     m = str(m).lower()
     if m not in _METHODS:
         raise ValueError(f"{op}: method must be 'max' or 'avg', got {m!r}")
@@ -51,12 +52,10 @@ class _PoolGeom:
     (:mod:`pydagnn.layers.kernels.pool_gpu`) read the same geometry."""
 
     def __init__(self, x, pool_size, method, pad, stride, op):
-        self.xp = xp = get_array_module(x)
-        x = _as4d(x, 'x', op, xp)
-        if x.dtype.kind != 'f':
-            raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        x, xp = float_map(x, op)
+        self.xp = xp
         self.dtype = x.dtype
-        self.x = _fortran(x, x.dtype, xp)
+        self.x = fortran(x, x.dtype, xp)
         self.H, self.W, self.C, self.N = x.shape
         self.method = _method(method, op)
         self.ph, self.pw = parse_pair(pool_size, 'pool size', op)
@@ -69,8 +68,8 @@ class _PoolGeom:
             raise ValueError(f'{op}: the pooling window {[self.ph, self.pw]} is larger than the '
                              f'input {x.shape} (including padding '
                              f'{[self.pt, self.pb, self.pl, self.pr]})')
-        self.Ho, self.Wo = _window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
-                                           self.ph, self.pw, self.sy, self.sx)
+        self.Ho, self.Wo = window_outputs(self.H, self.W, (self.pt, self.pb, self.pl, self.pr),
+                                          self.ph, self.pw, self.sy, self.sx)
         # the window is the whole map: one output per channel
         self.global_ = (self.ph == self.H and self.pw == self.W
                         and self.pt == self.pb == self.pl == self.pr == 0)
@@ -81,7 +80,7 @@ class _PoolGeom:
 
     def dy(self, dy, op):
         """``dy`` checked against the output shape, Fortran-contiguous in x's dtype."""
-        return _output_derivative(self, dy, op)
+        return output_derivative(self, dy, op)
 
     def describe(self):
         return (f'x {self.x.shape}, pool {[self.ph, self.pw]}, pad '
@@ -95,14 +94,8 @@ class _PoolGeom:
 def pool_output_size(H, W, pool_size, pad=0, stride=1):
     """(Ho, Wo) of a pooling, MatConvNet's formula."""
     ph, pw = parse_pair(pool_size, 'pool size', 'pool')
-    return _window_outputs(H, W, parse_pad(pad, 'pool'), ph, pw,
-                           *parse_pair(stride, 'stride', 'pool'))
-
-
-def _pool_gpu():
-    """The CUDA kernels (imported on first GPU use)."""
-    from pydagnn.layers.kernels import pool_gpu
-    return pool_gpu
+    return window_outputs(H, W, parse_pad(pad, 'pool'), ph, pw,
+                          *parse_pair(stride, 'stride', 'pool'))
 
 
 def pool_forward(x, pool_size, method='max', pad=0, stride=1):
@@ -114,18 +107,27 @@ def pool_forward(x, pool_size, method='max', pad=0, stride=1):
     if y.size == 0:
         return y
     xT, yT = g.x.T, y.T
-    if g.global_ and g.method == 'avg':
+    if g.global_ and g.method == 'avg':   # the same xp code on both devices
         y2 = yT.reshape(g.N, g.C)
         xp.sum(xT.reshape(g.N, g.C, g.H * g.W), axis=2, out=y2)
         y2 *= g.dtype.type(1) / g.dtype.type(g.H * g.W)
         return y
-    if xp is not np:   # CuPy input: the CUDA kernels (layers/kernels/pool_gpu.py)
-        k = _pool_gpu()
-        (k.max_forward if g.method == 'max' else k.avg_forward)(xT, yT, g)
-        return y
+    if is_gpu_array(g.x):
+        _pool_forward_gpu(g, xT, yT)
+    else:
+        _pool_forward_cpu(g, xT, yT)
+    return y
+
+
+def _pool_forward_cpu(g, xT, yT):
+    """numba windows, the images split over worker threads."""
     kern = _k.max_forward if g.method == 'max' else _k.avg_forward
     parallel_for(lambda a, b, _: kern(xT, yT, a, b, *g.kargs()), g.N, uses_blas=False)
-    return y
+
+
+def _pool_forward_gpu(g, xT, yT):
+    """CUDA windows (layers/kernels/pool_gpu.py), one thread per output."""
+    (_kg.max_forward if g.method == 'max' else _kg.avg_forward)(xT, yT, g)
 
 
 def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
@@ -138,17 +140,19 @@ def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
     if dx.size == 0:
         return dx
     xT, dyT, dxT = g.x.T, dy.T, dx.T
-    if g.global_ and g.method == 'avg':
+    if g.global_ and g.method == 'avg':   # the same xp code on both devices
         scale = g.dtype.type(1) / g.dtype.type(g.H * g.W)
         xp.multiply(dyT.reshape(g.N, g.C, 1), scale, out=dxT.reshape(g.N, g.C, g.H * g.W))
         return dx
-    if xp is not np:   # CuPy input: the CUDA kernels (layers/kernels/pool_gpu.py)
-        k = _pool_gpu()
-        if g.method == 'max':
-            k.max_backward(xT, dyT, dxT, g)
-        else:
-            k.avg_backward(dyT, dxT, g)
-        return dx
+    if is_gpu_array(g.x):
+        _pool_backward_gpu(g, xT, dyT, dxT)
+    else:
+        _pool_backward_cpu(g, xT, dyT, dxT)
+    return dx
+
+
+def _pool_backward_cpu(g, xT, dyT, dxT):
+    """numba windows, the images split over worker threads."""
     if g.method == 'max':
         def part(a, b, _):
             _k.max_backward(xT, dyT, dxT, a, b, *g.kargs())
@@ -156,7 +160,14 @@ def pool_backward(x, dy, pool_size, method='max', pad=0, stride=1):
         def part(a, b, _):
             _k.avg_backward(dyT, dxT, a, b, *g.kargs())
     parallel_for(part, g.N, uses_blas=False)
-    return dx
+
+
+def _pool_backward_gpu(g, xT, dyT, dxT):
+    """CUDA gathers (layers/kernels/pool_gpu.py), one thread per input element."""
+    if g.method == 'max':
+        _kg.max_backward(xT, dyT, dxT, g)
+    else:
+        _kg.avg_backward(dyT, dxT, g)
 
 
 @register('dagnn.Pooling')

@@ -4,10 +4,12 @@
 Backward: ``dx = dy * (x > 0)`` (so the derivative at exactly 0 is 0), or
 ``dy * (leak + (1 - leak) * (x > 0))`` with a leak.
 """
-from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+import numpy as np
 
-from .loss import as_scalar, opts_to_dict
+from pydagnn.backend import is_gpu_array
+from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as_scalar, dy_like, opts_to_dict
+from pydagnn.layers.kernels import eltwise_gpu as _ke
 
 __all__ = ['relu_forward', 'relu_backward', 'ReLU']
 
@@ -22,36 +24,47 @@ def _slope(x, leak):
 
 def relu_forward(x, leak=0):
     """``vl_nnrelu(x, [], 'leak', leak)``; result Fortran-contiguous, x's dtype."""
-    xp = get_array_module(x)
     leak = float(leak)
-    if xp.__name__ == 'cupy':   # one coalesced kernel in x's memory order
-        from pydagnn.layers.kernels import eltwise_gpu
-        return eltwise_gpu.relu_forward(x, leak)
+    if is_gpu_array(x):
+        return _relu_forward_gpu(x, leak)
+    return _relu_forward_cpu(x, leak)
+
+
+def _relu_forward_cpu(x, leak):
     if leak == 0:
-        y = xp.maximum(x, x.dtype.type(0))
+        y = np.maximum(x, x.dtype.type(0))
     else:
         y = x * _slope(x, leak)
-    return xp.asfortranarray(y)
+    return np.asfortranarray(y)
+
+
+def _relu_forward_gpu(x, leak):
+    """One coalesced kernel in x's memory order (layers/kernels/eltwise_gpu.py)."""
+    return _ke.relu_forward(x, leak)
 
 
 def relu_backward(x, dy, leak=0):
     """``vl_nnrelu(x, dy, 'leak', leak)``: ``dy * (x > 0)`` (with a leak,
     ``dy * (leak + (1 - leak) * (x > 0))``). ``x`` may also be the forward output
     when ``leak >= 0`` (the sign pattern is the same), as MatConvNet's short circuit does."""
-    xp = get_array_module(x)
-    if dy.shape != x.shape:
-        if dy.size != x.size:
-            raise ValueError(f'relu_backward: dy has shape {dy.shape}, x has shape {x.shape}')
-        dy = dy.reshape(x.shape, order='F')
+    dy = dy_like(x, dy, 'relu_backward')
     leak = float(leak)
-    if xp.__name__ == 'cupy':
-        from pydagnn.layers.kernels import eltwise_gpu
-        return eltwise_gpu.relu_backward(x, dy, leak)
+    if is_gpu_array(x):
+        return _relu_backward_gpu(x, dy, leak)
+    return _relu_backward_cpu(x, dy, leak)
+
+
+def _relu_backward_cpu(x, dy, leak):
     if leak == 0:
         dx = dy * (x > 0)
     else:
         dx = dy * _slope(x, leak)
-    return xp.asfortranarray(dx.astype(x.dtype, copy=False))
+    return np.asfortranarray(dx.astype(x.dtype, copy=False))
+
+
+def _relu_backward_gpu(x, dy, leak):
+    """One coalesced kernel in x's memory order (layers/kernels/eltwise_gpu.py)."""
+    return _ke.relu_backward(x, dy, leak)
 
 
 @register('dagnn.ReLU')

@@ -9,6 +9,7 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as4d, dy_like
 
 __all__ = ['scale_forward', 'scale_backward', 'Scale']
 
@@ -19,9 +20,7 @@ def _as4(a, shape=None):
         s = tuple(int(v) for v in shape)
         if int(np.prod(s)) == a.size and len(s) <= 4:
             return a.reshape(s + (1,) * (4 - len(s)), order='F')
-    if a.ndim > 4:
-        raise ValueError(f'scale: arrays must have at most 4 dimensions, got shape {a.shape}')
-    return a.reshape(a.shape + (1,) * (4 - a.ndim))
+    return as4d(a, 'arrays', 'scale')
 
 
 def _check_bcast(x4, w4, name):
@@ -53,9 +52,7 @@ def scale_backward(x, w, dy, has_bias=True, size=None, b_shape=None):
     x4 = _as4(x)
     w4 = _as4(w, size)
     _check_bcast(x4, w4, 'w')
-    dy4 = dy.reshape(x4.shape, order='F') if dy.shape != x4.shape else dy
-    if dy4.size != x4.size:
-        raise ValueError(f'scale_backward: dy has shape {dy.shape}, x has shape {x.shape}')
+    dy4 = dy_like(x4, dy, 'scale_backward')
     axes = tuple(i for i in range(4) if w4.shape[i] == 1)
     dx = xp.asfortranarray((dy4 * w4).astype(x.dtype, copy=False)).reshape(x.shape, order='F')
     dw = (dy4 * x4).sum(axis=axes, keepdims=True) if axes else dy4 * x4

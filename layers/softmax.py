@@ -5,20 +5,15 @@
 """
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as4d, dy_like
 
 __all__ = ['softmax_forward', 'softmax_backward', 'SoftMax']
-
-
-def _as4(x, op):
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must be H x W x C x N, got shape {x.shape}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim < 4 else x
 
 
 def softmax_forward(x):
     """Softmax along axis 2 (MatConvNet dim 3) of an H x W x C x N array."""
     xp = get_array_module(x)
-    x4 = _as4(x, 'softmax_forward')
+    x4 = as4d(x, 'x', 'softmax_forward')
     e = xp.exp(x4 - x4.max(axis=2, keepdims=True))
     e /= e.sum(axis=2, keepdims=True)
     return xp.asfortranarray(e.reshape(x.shape))
@@ -28,10 +23,8 @@ def softmax_backward(x, dy, y=None):
     """``vl_nnsoftmax(x, dy)``; pass ``y`` (the forward output) to skip recomputing it."""
     xp = get_array_module(x if x is not None else y)
     y = softmax_forward(x) if y is None else y
-    y4 = _as4(y, 'softmax_backward')
-    if dy.size != y.size:
-        raise ValueError(f'softmax_backward: dy has shape {dy.shape}, x has shape {y.shape}')
-    dy4 = dy.reshape(y4.shape, order='F') if dy.shape != y4.shape else dy
+    y4 = as4d(y, 'y', 'softmax_backward')
+    dy4 = dy_like(y4, dy, 'softmax_backward')
     dx = y4 * (dy4 - (dy4 * y4).sum(axis=2, keepdims=True))
     return xp.asfortranarray(dx.astype(y.dtype, copy=False).reshape(y.shape))
 

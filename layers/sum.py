@@ -1,6 +1,9 @@
 """Elementwise sum of any number of inputs: ``dagnn.Sum``."""
-from pydagnn.backend import get_array_module
+import numpy as np
+
+from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
+from pydagnn.layers.kernels import eltwise_gpu as _ke
 
 __all__ = ['sum_forward', 'sum_backward', 'Sum']
 
@@ -15,14 +18,22 @@ def sum_forward(inputs):
             raise ValueError(f'sum_forward: input {k} has shape {a.shape}, '
                              f'input 0 has shape {shape} '
                              f'(all shapes: {[tuple(t.shape) for t in inputs]})')
-    xp = get_array_module(*inputs)
-    if xp.__name__ == 'cupy':   # one coalesced pass in the inputs' memory order
-        from pydagnn.layers.kernels import eltwise_gpu
-        return xp.asfortranarray(eltwise_gpu.sum_forward(inputs))
+    if any(is_gpu_array(a) for a in inputs):
+        return _sum_forward_gpu(inputs)
+    return _sum_forward_cpu(inputs)
+
+
+def _sum_forward_cpu(inputs):
     y = inputs[0] + inputs[1] if len(inputs) > 1 else inputs[0].copy(order='F')
     for a in inputs[2:]:
         y += a
-    return xp.asfortranarray(y)
+    return np.asfortranarray(y)
+
+
+def _sum_forward_gpu(inputs):
+    """One coalesced pass in the inputs' memory order (layers/kernels/eltwise_gpu.py)."""
+    import cupy as cp
+    return cp.asfortranarray(_ke.sum_forward(inputs))
 
 
 def sum_backward(dy, num_inputs):

@@ -40,6 +40,71 @@ def block_class(type_name):
         raise KeyError(f"unknown layer type {type_name!r} (known: {', '.join(sorted(REGISTRY))})") from None
 
 
+# ---------------------------------------------------------------------------- param shapes
+#: the roles a param can have in the loader's eyes (see :func:`shape_by_role`)
+PARAM_ROLES = ('filter', 'vector', 'moments', 'matrix', 'asis')
+
+
+def shape_by_role(value, role):
+    """A param value in the MatConvNet shape of its role; ValueError (no prefix: the caller
+    names the param) when it cannot have it.
+
+    * 'filter': 4-D ``FH x FW x Cin x Cout`` (trailing singletons appended);
+    * 'vector': 1-D (any shape with at most one non-singleton dimension);
+    * 'moments': ``C x 2`` (batch-norm moments);
+    * 'matrix': 2-D;
+    * 'asis': unchanged.
+
+    Arrays of 2 or more dimensions come back Fortran-contiguous."""
+    if role == 'filter':
+        if value.ndim > 4:
+            raise ValueError(f'a filter must have at most 4 dims, got shape {value.shape}')
+        value = value.reshape(value.shape + (1,) * (4 - value.ndim), order='F')
+    elif role == 'vector':
+        if sum(1 for s in value.shape if s != 1) > 1:
+            raise ValueError(f'expected a vector, got shape {value.shape}')
+        value = value.reshape(-1, order='F')
+    elif role == 'moments':
+        if value.ndim != 2 or value.shape[1] != 2:
+            raise ValueError(f'BatchNorm moments must be C x 2, got shape {value.shape}')
+    elif role == 'matrix':
+        if value.ndim != 2:
+            raise ValueError(f'expected a 2-D matrix, got shape {value.shape}')
+    elif role != 'asis':
+        raise ValueError(f'unknown param role {role!r} (known: {", ".join(PARAM_ROLES)})')
+    return np.asfortranarray(value) if value.ndim > 1 else value
+
+
+def property_ints(v):
+    """A stored numeric property (``size``, ``numChannels``) as a list of ints, leniently:
+    None or a non-numeric value gives [], non-finite entries are dropped."""
+    if v is None:
+        return []
+    try:
+        a = np.asarray(v, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError):
+        return []
+    return [int(x) for x in a if np.isfinite(x)]
+
+
+def check_filter_params(values, names, size, out_axis):
+    """The checks of a filter bank block (``[filters]`` or ``[filters, biases]``): the
+    filters' shape against the block's ``size`` (when it is set) and the number of biases
+    against the filters' output channels (axis ``out_axis`` of the filters: 3 for
+    ``dagnn.Conv``, 2 for ``dagnn.ConvTranspose``). ValueError naming the param."""
+    size = (property_ints(size) + [1, 1, 1, 1])[:4]
+    f = values[0] if values else None
+    if f is not None and any(size):
+        if tuple(f.shape) != tuple(size):
+            raise ValueError(f'param {names[0]!r} has shape {tuple(f.shape)} but the block\'s size '
+                             f'is {size}')
+    if len(values) > 1 and values[1] is not None and f is not None and values[1].size:
+        cout = f.shape[out_axis]
+        if values[1].size != cout:
+            raise ValueError(f'param {names[1]!r} has {values[1].size} elements but the filter has '
+                             f'{cout} output channels')
+
+
 class BlockContext:
     """What a block may read from its net: ``mode``, ``rng``, ``conserve_memory``.
 
@@ -87,6 +152,11 @@ class Layer:
         (:func:`pydagnn.load_matconvnet`) when a layer of this type is present, e.g.
         ``'pydagnn.models.gm:finalize_gm'`` (routes and the original's execution order);
         a string, so that the layer library never imports the model builders.
+
+    Loader (params as stored, so that the loader knows no layer types):
+      * ``param_roles``: the role of each param position for :meth:`shape_param`
+        (see :func:`shape_by_role`; positions past the end are 'asis').
+      * :meth:`shape_param` and :meth:`check_param_shapes`.
     """
     type_name = 'dagnn.Layer'
     properties = {}
@@ -104,6 +174,8 @@ class Layer:
     trainer_reads = ()
     #: ``'module:function'`` the loader calls with the net when a layer of this type is present
     net_finalizer = None
+    #: role of each param position for shape_param (filter, vector, moments, matrix; asis past the end)
+    param_roles = ()
 
     def __init__(self, **props):
         self.net = None
@@ -175,6 +247,17 @@ class Layer:
         (``outputs``: its output values; a value may be a device array or a tuple, the
         trainer reads its first element). Default: none."""
         return {}
+    # -- params as stored ----------------------------------------------------
+    def shape_param(self, k, value):
+        """The value of param position ``k`` as read from a file, in this block's MatConvNet
+        shape for it (by :attr:`param_roles`; default: unchanged, Fortran-contiguous).
+        ValueError saying why when it cannot have that shape (the loader prefixes the field)."""
+        roles = self.param_roles
+        return shape_by_role(value, roles[k] if k < len(roles) else 'asis')
+
+    def check_param_shapes(self, values, names):
+        """Raise ValueError when the param ``values`` (None where unset; ``names`` the param
+        names, for the message) disagree with this block's properties. Default: no check."""
 
     # -- persistence -------------------------------------------------------
     def save(self):

@@ -101,26 +101,10 @@ def accumulate_gradients(net, state, *, learning_rate, batch_size, momentum=0.9,
             m = moms.get(p.name)
             if m is not None and backend.is_gpu_array(m) != backend.is_gpu_array(value):
                 m = backend.to_device(m, 'gpu' if backend.is_gpu_array(value) else 'cpu')
-            if backend.is_gpu_array(value) and (m is None or m.size == value.size):   # GPU: one fused kernel
-                from pydagnn.layers.kernels import eltwise_gpu
-                m, p.value = eltwise_gpu.sgd_momentum(der, value, None if m is None else m.reshape(value.shape),
-                                                      1.0 / batch_size, decay, momentum, lr, nesterov)
-                moms[p.name] = m
-                continue
-            g = dt(1.0 / batch_size) * der + dt(decay) * value
-            if m is None:
-                m = -g
-            else:
-                if m.shape != value.shape:
-                    if m.size != value.size:
-                        raise ValueError(f'accumulate_gradients: the momentum of {p.name!r} has shape '
-                                         f'{m.shape}, the param {value.shape}')
-                    m = m.reshape(value.shape)
-                m = dt(momentum) * m - g
-            m = m.astype(value.dtype, copy=False)
+            from .layers.sgd import sgd_momentum_update
+            m, p.value = sgd_momentum_update(der, value, m, 1.0 / batch_size, decay, momentum, lr,
+                                             nesterov, name=p.name)
             moms[p.name] = m
-            delta = (dt(momentum) * m - g) if nesterov else m
-            p.value = (value + dt(lr) * delta).astype(value.dtype, copy=False)
         else:
             raise ValueError(f"unknown training method {p.train_method!r} for parameter {p.name!r} "
                              "(expected 'gradient' or 'average')")

@@ -1,5 +1,7 @@
-"""Elementwise layers on the GPU (CuPy) on Fortran-order maps: ReLU, Sum, dropout, and
-the fused SGD-momentum update.
+"""Elementwise kernels on the GPU (CuPy) on Fortran-order maps and their launchers, called by
+the GPU paths of :mod:`pydagnn.layers.relu`, :mod:`~pydagnn.layers.sum`,
+:mod:`~pydagnn.layers.dropout` and :mod:`~pydagnn.layers.sgd` (the fused SGD-momentum
+update). This module imports no layer, and cupy only when a kernel runs.
 
 CuPy's ufuncs always allocate C-order outputs, so ``cupy.maximum(x, 0)`` on a Fortran
 ``H x W x C x N`` map runs a transposing (uncoalesced) kernel and the layer's

@@ -1,7 +1,8 @@
 """Max and average pooling on the GPU (CuPy): the CUDA twins of :mod:`pool_cpu`, launched
-by :func:`pydagnn.layers.pool.pool_forward` / ``pool_backward`` for CuPy inputs (which
-check the options and allocate the outputs for both devices; ``g`` below is their
-geometry, :class:`pydagnn.layers.pool._PoolGeom`).
+by the GPU path of :mod:`pydagnn.layers.pool` (which checks the options and allocates the
+outputs for both devices). The launchers take a geometry object ``g`` with the integer
+attributes ``Ho, Wo, ph, pw, pt, pl, sy, sx`` (the pooling geometry has them); this
+module imports no layer.
 
 Arrays are the C-contiguous ``(N, C, W, H)`` ``.T`` views of Fortran ``H x W x C x N``
 maps. Windows are clipped to the image (padding never takes part); max: the first

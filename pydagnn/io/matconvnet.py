@@ -35,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from ..layer import Layer, REGISTRY
+from ..layer import Layer, REGISTRY, shape_by_role
 from .errors import MatFileError
 from .matfile import MatCell, MatObject, MatStruct, read_mat, to_matlab, to_python, write_mat
 
@@ -166,83 +166,6 @@ def _prop_to_mat(name, value, hint):
     if value is None:
         return np.zeros((0, 0))
     return to_matlab(value, name)
-
-
-# ---------------------------------------------------------------------------- params
-_PARAM_ROLES = {
-    'dagnn.Conv': ('filter', 'vector'),
-    'dagnn.ConvTranspose': ('filter', 'vector'),
-    'dagnn.BatchNorm': ('vector', 'vector', 'moments'),
-    'dagnn.H_x': ('matrix', 'matrix'),
-}
-
-
-def _param_role(type_name, k):
-    roles = _PARAM_ROLES.get(type_name, ())
-    return roles[k] if k < len(roles) else 'asis'
-
-
-def _shape_param(value, role, where):
-    """The MatConvNet shape of a param value; raises ValueError when it cannot have it."""
-    if role == 'filter':
-        if value.ndim > 4:
-            raise ValueError(f'{where}: a filter must have at most 4 dims, got shape {value.shape}')
-        value = value.reshape(value.shape + (1,) * (4 - value.ndim), order='F')
-    elif role == 'vector':
-        if sum(1 for s in value.shape if s != 1) > 1:
-            raise ValueError(f'{where}: expected a vector, got shape {value.shape}')
-        value = value.reshape(-1, order='F')
-    elif role == 'moments':
-        if value.ndim != 2 or value.shape[1] != 2:
-            raise ValueError(f'{where}: BatchNorm moments must be C x 2, got shape {value.shape}')
-    elif role == 'matrix':
-        if value.ndim != 2:
-            raise ValueError(f'{where}: expected a 2-D matrix, got shape {value.shape}')
-    return np.asfortranarray(value) if value.ndim > 1 else value
-
-
-def _ints(v):
-    if v is None:
-        return []
-    try:
-        a = np.asarray(v, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        return []
-    return [int(x) for x in a if np.isfinite(x)]
-
-
-def _check_param_shapes(layer, values):
-    """Raise ValueError when a layer's param values disagree with its block."""
-    t = layer.block.type_name
-    block = layer.block
-    if t in ('dagnn.Conv', 'dagnn.ConvTranspose'):
-        size = (_ints(block.size) + [1, 1, 1, 1])[:4]
-        f = values[0] if values else None
-        if f is not None and any(size):
-            if tuple(f.shape) != tuple(size):
-                raise ValueError(f'param {layer.params[0]!r} has shape {tuple(f.shape)} but the block\'s size '
-                                 f'is {size}')
-        if len(values) > 1 and values[1] is not None and f is not None and values[1].size:
-            cout = f.shape[3] if t == 'dagnn.Conv' else f.shape[2]
-            if values[1].size != cout:
-                raise ValueError(f'param {layer.params[1]!r} has {values[1].size} elements but the filter has '
-                                 f'{cout} output channels')
-    elif t == 'dagnn.BatchNorm':
-        nc = _ints(block.numChannels)
-        counts = []
-        for k, v in enumerate(values[:3]):
-            if v is not None:
-                counts.append((layer.params[k], v.shape[0]))
-        if nc:
-            counts.insert(0, ('numChannels', nc[0]))
-        if len({c for _, c in counts}) > 1:
-            raise ValueError('channel counts disagree: ' + ', '.join(f'{n} {c}' for n, c in counts))
-    elif t == 'dagnn.H_x':
-        size = _ints(block.size)
-        for k, v in enumerate(values[:2]):
-            if v is not None and len(size) == 2 and tuple(v.shape) != tuple(size):
-                raise ValueError(f'param {layer.params[k]!r} has shape {tuple(v.shape)} but the block\'s size '
-                                 f'is {size}')
 
 
 # ---------------------------------------------------------------------------- field helpers
@@ -448,10 +371,10 @@ def _from_dagnn_struct(top, ctx, prefix):
             raise ctx.error(f'{w}.value', f'param {pname!r}: expected a numeric array, got {_describe(value)}')
         else:
             try:
-                value = _shape_param(value, _param_role(layer.block.type_name, k),
-                                     f'param {pname!r} of layer {layer.name!r} ({layer.block.type_name})')
+                value = layer.block.shape_param(k, value)
             except ValueError as err:
-                raise ctx.error(f'{w}.value', str(err)) from None
+                raise ctx.error(f'{w}.value', f'param {pname!r} of layer {layer.name!r} '
+                                              f'({layer.block.type_name}): {err}') from None
         param.value = value
         for field, attr in (('learningRate', 'learning_rate'), ('weightDecay', 'weight_decay')):
             if field in e:
@@ -469,7 +392,7 @@ def _from_dagnn_struct(top, ctx, prefix):
     for layer in net.layers:
         values = [net.get_param(p).value for p in layer.params]
         try:
-            _check_param_shapes(layer, values)
+            layer.block.check_param_shapes(values, layer.params)
         except ValueError as err:
             i = net.layer_index(layer.name)
             raise ctx.error(f'{prefix}layers({i + 1})',
@@ -774,9 +697,9 @@ def from_simplenn(top, _ctx=None, _prefix=''):
                 if value.dtype.kind not in 'biuf':
                     raise ctx.error(f'{w}.weights{{{k + 1}}}', f'expected a numeric array, got {_describe(value)}')
                 try:
-                    param.value = _shape_param(value, role, f'param {pname!r} of layer {name!r}')
+                    param.value = shape_by_role(value, role)
                 except ValueError as err:
-                    raise ctx.error(f'{w}.weights{{{k + 1}}}', str(err)) from None
+                    raise ctx.error(f'{w}.weights{{{k + 1}}}', f'param {pname!r} of layer {name!r}: {err}') from None
             if lr is not None and k < lr.size:
                 param.learning_rate = float(lr[k])
             if wd is not None:
@@ -786,7 +709,8 @@ def from_simplenn(top, _ctx=None, _prefix=''):
                     param.weight_decay = float(wd[k])
         if isinstance(block, Layer) and not isinstance(block, UnusableLayer):
             try:
-                _check_param_shapes(net.layers[-1], [net.get_param(p[0]).value for p in pinfo])
+                net.layers[-1].block.check_param_shapes([net.get_param(p[0]).value for p in pinfo],
+                                                        net.layers[-1].params)
             except ValueError as err:
                 raise ctx.error(w, f'layer {name!r}: {err}') from None
 
