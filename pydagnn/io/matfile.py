@@ -1,5 +1,15 @@
-"""MATLAB ``.mat`` files: v5/v7 (read by a checked pure-Python parser, written with
-:mod:`scipy.io`), v7.3 (HDF5) through h5py.
+"""MATLAB ``.mat`` files, the one codec of pydagnn: every MAT file the package reads or
+writes (models, checkpoints, imdbs) goes through this module.
+
+* :func:`sniff` tells the format (v4, v5/v7, v7.3) from the first bytes;
+* v5/v7 is read by a bounds-checked pure-Python parser (scipy's compiled reader can
+  crash on a damaged file) and written with :mod:`scipy.io`; v4 is read through scipy;
+* v7.3 (HDF5) is read by one decoder over h5py's low-level API and written in MATLAB's
+  own layout by one writer, whole (:func:`write_mat`) or piece by piece
+  (:class:`MatWriter`, whose ``append_array`` streams a large array along its last axis);
+* a v7.3 array can stay on disk as a lazy dataset handle (:class:`LazyArray`,
+  ``read_mat(..., lazy=...)``) that reads items along its last axis on demand;
+* files are published atomically (:func:`tmp_beside`, :func:`publish`, :func:`discard`).
 
 Both readers give the same in-memory form, close to MATLAB's own:
 
@@ -9,7 +19,8 @@ MATLAB               Python (what :func:`read_mat` returns)
 struct array         :class:`MatStruct` (``shape``, ``fields``, ``elements``:
                      one dict per element, column-major)
 cell array           :class:`MatCell` (``shape``, ``items``, column-major)
-char                 ``str`` (a char matrix with several rows: list of str)
+char                 ``str`` (UTF-16 code units; a char matrix with several
+                     rows: list of str)
 numeric, logical     ``numpy.ndarray`` with the MATLAB shape (>= 2-D) and class;
                      logical is ``bool`` (``scipy.io.loadmat`` would give uint8)
 object, function     :class:`MatObject` (kept as a marker; cannot be written)
@@ -22,17 +33,22 @@ vector -> list, 1x1 double -> float, 1x1 logical -> bool, ``[]`` (0x0 double) ->
 other arrays stay arrays with their MATLAB shape. :func:`to_matlab` goes the other way
 (dict -> 1x1 struct, list of dicts with the same keys -> 1xN struct, list of numbers
 -> 1xN double, list of bools -> 1xN logical, other lists -> 1xN cell, ``[]`` -> ``{}``,
-None -> ``[]``, Python numbers -> double, 1-D arrays -> rows). So a Python value comes
-back from a file as itself except: numeric lists come back as 1xN arrays, a list of
-one dict as a dict, tuples as lists, ints as floats (MATLAB has doubles).
+None -> ``[]``, Python numbers -> double, 1-D arrays -> rows; field names must be MATLAB
+identifiers). So a Python value comes back from a file as itself except: numeric lists
+come back as 1xN arrays, a list of one dict as a dict, tuples as lists, ints as floats
+(MATLAB has doubles).
 
-:func:`write_mat` writes v7 (scipy, compressed) or v7.3 (HDF5 with the 512-byte
-MATLAB header, ``MATLAB_class`` attributes, struct arrays as fields of object
-references into ``#refs#``, empty values as ``MATLAB_empty`` datasets -- the layout
-MATLAB itself writes), always to a temporary file in the target folder that is then
-renamed over the target, so a crash never leaves a half-written file.
+:func:`write_mat` writes v7 (scipy, compressed) or v7.3 (HDF5 with the 512-byte MATLAB
+header, ``MATLAB_class``/``MATLAB_fields``/``H5PATH`` attributes, struct arrays as fields
+of object references into ``#refs#``, empty values as ``MATLAB_empty`` datasets holding
+their dims, small arrays in compact storage -- the layout MATLAB itself writes), always to
+a temporary file in the target folder that is then renamed over the target, so a crash
+never leaves a half-written file.
 
-Every failure to read is a :class:`~pydagnn.io.errors.MatFileError` naming the file.
+Files are hostile until read: sizes are checked against their container and a cap before
+anything is allocated, the global-heap ``MATLAB_fields`` attribute is never read (HDF5
+can spin forever on a damaged one), nesting is bounded. Every failure to read is a
+:class:`~pydagnn.io.errors.MatFileError` naming the file.
 """
 import os
 import sys
@@ -399,9 +415,7 @@ class _V5Reader:
                 codes = self.numbers(buf, ds, de, mt, w).astype(np.uint32)
             if codes.size != n:
                 raise self.fail(w, f'{codes.size} characters for a char array of size {shape}')
-            rows = codes.reshape(shape[0], -1, order='F')
-            strings = [''.join(chr(c) if c < 0x110000 else '?' for c in r) for r in rows.tolist()]
-            return name, strings[0] if len(strings) == 1 else strings
+            return name, _text(codes.reshape(shape[0], -1, order='F'))
         if cls == _MX_CELL:
             items = []
             for i in range(n):
@@ -446,6 +460,21 @@ class _V5Reader:
         if cls == _MX_FUNCTION:
             return name, MatObject('function_handle')
         raise self.fail(w, f'unsupported MATLAB array class {cls}')
+
+
+def _text(rows):
+    """The text of a char array given as rows of character codes: one str per row (a
+    single row: that str). Codes are MATLAB's UTF-16 code units (a surrogate pair is one
+    character, a lone surrogate U+FFFD); a code past U+FFFF (a v5 file's UTF-8 text) is
+    that character."""
+    strings = []
+    for r in rows:
+        r = np.asarray(r)
+        if r.size and int(r.max()) > 0xFFFF:
+            strings.append(''.join(chr(c) if c < 0x110000 else '\ufffd' for c in r.tolist()))
+        else:
+            strings.append(r.astype('<u2').tobytes().decode('utf-16-le', 'replace'))
+    return strings[0] if len(strings) == 1 else strings
 
 
 def _from_scipy(x, path, where, depth):
@@ -692,9 +721,7 @@ def _from_h5(oid, rd, where, depth):
         codes = np.asarray(arr, dtype=np.uint16)
         if codes.size == 0:
             return ''
-        rows = codes.reshape(codes.shape[0], -1, order='F')
-        strings = [r.astype('<u2').tobytes().decode('utf-16-le', 'replace') for r in rows]
-        return strings[0] if len(strings) == 1 else strings
+        return _text(codes.reshape(codes.shape[0], -1, order='F'))
     if cls == 'logical':
         return arr.astype(bool)
     if cls in _H5_CLASSES and arr.dtype.kind in 'biuf':
