@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import backend
 from .matconvnet import load_matconvnet, save_matconvnet
-from .matfile import read_mat, to_python
+from .matfile import MatCell, read_mat, to_python
 
 __all__ = ['CheckpointError', 'checkpoint_path', 'checkpoint_epochs', 'find_last_checkpoint',
            'save_checkpoint', 'load_checkpoint', 'resume_last', 'adopt_order']
@@ -99,8 +99,10 @@ def _state_to_mat(net, state, save_momentum, last_stats):
     (0 for a param never updated; ``[]`` when not saved), ``stats`` the last epoch's."""
     moms = (state or {}).get('momentum') or {}
     if save_momentum:
-        cell = [np.asarray(backend.to_host(moms[p.name])) if moms.get(p.name) is not None else 0.0
-                for p in net.params]
+        # a MatCell, not a list: a list of plain zeros (no param updated yet) would be
+        # written as a 1 x P double array
+        cell = MatCell([np.asarray(backend.to_host(moms[p.name])) if moms.get(p.name) is not None
+                        else 0.0 for p in net.params], (1, len(net.params)))
     else:
         cell = None
     out = {'momentum': cell,
