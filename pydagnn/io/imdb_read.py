@@ -305,7 +305,8 @@ def _image_data(path, arr):
     """``images.data`` (a lazy handle or an array) -> the lazy handle, checked."""
     if isinstance(arr, LazyArray):
         if arr.dtype != np.uint8 or arr.matlab_class not in (None, 'uint8'):
-            raise MatFileError(path, 'images.data', f'must be uint8, found {arr.matlab_class or arr.dtype}')
+            raise MatFileError(path, 'images.data',
+                               f'must be uint8, found {arr.matlab_class or arr.dtype}')
         return arr
     if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8:
         kind = f'{arr.dtype}' if isinstance(arr, np.ndarray) else type(arr).__name__
@@ -404,7 +405,7 @@ def load_imdb(path):
         raise
     except MemoryError:
         raise MatFileError(path, None, 'malformed MATLAB file (declares an impossible size)') from None
-    handles = [v for v in _lazy_handles(m)]
+    handles = list(_lazy_handles(m))
     try:
         return _schema(path, m, '7.3' if version == '7.3' else '7')
     except BaseException as e:

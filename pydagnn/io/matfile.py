@@ -62,9 +62,9 @@ import numpy as np
 
 from .errors import MatFileError
 
-__all__ = ['MatStruct', 'MatCell', 'MatObject', 'LazyArray', 'MatWriter', 'AppendArray', 'Publishing', 'read_mat', 'write_mat',
-           'to_python', 'to_matlab', 'lazy_array', 'sniff', 'is_hdf5', 'tmp_beside', 'publish', 'discard',
-           'MatFileError']
+__all__ = ['MatStruct', 'MatCell', 'MatObject', 'LazyArray', 'MatWriter', 'AppendArray',
+           'Publishing', 'read_mat', 'write_mat', 'to_python', 'to_matlab', 'lazy_array', 'sniff',
+           'is_hdf5', 'tmp_beside', 'publish', 'discard', 'MatFileError']
 
 _MAX_DEPTH = 64
 
@@ -220,8 +220,8 @@ def read_mat(path, variable_names=None, lazy=None):
     ``lazy``: ``{'var.field.field': ndim}``: in a v7.3 file, the numeric array at that
     place comes back as a :class:`LazyArray` of ``ndim`` MATLAB dims (one fewer in the
     file is one item: MATLAB drops the trailing 1; anything else, or an empty item, is
-    a MatFileError) that reads slices of its last axis on demand; v5/v7 files are read whole (use :func:`lazy_array` to give an in-memory array
-    the same interface).
+    a MatFileError) that reads slices of its last axis on demand; v5/v7 files are read
+    whole (:func:`lazy_array` gives an in-memory array the same interface).
     Raises MatFileError naming the file for anything unreadable.
     """
     path = os.fspath(path)
@@ -616,7 +616,8 @@ def _h5_read(dsid, path=None, where=None):
     import h5py
     nbytes = _prod(dsid.shape) * max(dsid.dtype.itemsize, 1)
     if nbytes > _MAX_ARRAY_BYTES:
-        raise MatFileError(path, where, f'implausibly large ({dsid.shape} of {dsid.dtype}): file damaged?')
+        raise MatFileError(path, where,
+                           f'implausibly large ({dsid.shape} of {dsid.dtype}): file damaged?')
     arr = np.empty(dsid.shape, dtype=dsid.dtype)
     if arr.size:
         dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, arr)
@@ -706,7 +707,8 @@ def _from_h5(oid, rd, where, depth):
         return MatCell(items, shape)
     if oid.get_type().get_class() in (h5py.h5t.STRING, h5py.h5t.VLEN, h5py.h5t.OPAQUE, h5py.h5t.ENUM):
         raise MatFileError(path, where, 'unsupported HDF5 data (not written by MATLAB)')
-    if where in rd.lazy and cls != 'char' and oid.get_type().get_class() in (h5py.h5t.INTEGER, h5py.h5t.FLOAT):
+    if where in rd.lazy and cls != 'char' and \
+            oid.get_type().get_class() in (h5py.h5t.INTEGER, h5py.h5t.FLOAT):
         return _lazy_h5(rd, oid, where, cls, rd.lazy[where])
     data = _h5_read(oid, path, where)
     if data.dtype.names is not None:
@@ -1106,7 +1108,8 @@ def _lazy_h5(rd, oid, where, cls, ndim):
         chunks = tuple(dcpl.get_chunk())
         if len(chunks) < ndim:
             chunks = (1,) * (ndim - len(chunks)) + chunks
-        return _H5Source(path, where, dtype, cls, name, n, item, chunks=chunks, filters=filters, file=file)
+        return _H5Source(path, where, dtype, cls, name, n, item, chunks=chunks, filters=filters,
+                         file=file)
     return _H5Source(path, where, dtype, cls, name, n, item, file=file)
 
 
@@ -1703,7 +1706,8 @@ class MatWriter(Publishing):
         except MatFileError as e:
             raise MatFileError(self.path, e.field, e.reason) from None
 
-    def append_array(self, parent, name, item_shape, n, dtype, layout='contiguous', compression=None):
+    def append_array(self, parent, name, item_shape, n, dtype, layout='contiguous',
+                     compression=None):
         """An :class:`AppendArray`: a MATLAB ``item_shape x n`` array filled by ``append``
         along its last axis. ``layout``: 'contiguous' (one unfiltered block, allocated at
         once: the fastest to read back) or 'chunked' (one item per chunk, unlimited last
@@ -1730,7 +1734,8 @@ class MatWriter(Publishing):
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             ds = group.create_dataset(name, hshape, dtype, dcpl=dcpl)
         else:
-            raise ValueError(f"MatWriter.append_array: layout must be 'contiguous' or 'chunked', got {layout!r}")
+            raise ValueError("MatWriter.append_array: layout must be 'contiguous' or 'chunked', "
+                             f"got {layout!r}")
         h5path = self._w._h5path(ppath, name, False)
         if h5path:
             self._w._attr_str(ds.id, b'H5PATH', h5path)
