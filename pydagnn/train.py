@@ -36,25 +36,18 @@ Differences from the original, on purpose:
 """
 import math
 import os
-import re
 import time
-import warnings
 
 import numpy as np
 
 from . import backend
 from .data import get_batch as default_get_batch, imdb_field, make_loader
+from .io.checkpoint import (CheckpointError, adopt_order, checkpoint_path, find_last_checkpoint,  # noqa: F401
+                            load_checkpoint, resume_last, save_checkpoint)
 
 __all__ = ['cnn_train_dag', 'accumulate_gradients', 'find_last_checkpoint', 'load_checkpoint',
            'save_checkpoint', 'checkpoint_path', 'train_opts_kwargs', 'extract_stats',
            'format_progress', 'CheckpointError', 'use_gpu']
-
-_CKPT_RE = re.compile(r'^net-epoch-(\d+)\.mat$')
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used (truncated, corrupt or incomplete)."""
-
 
 # ---------------------------------------------------------------------------- update rule
 def accumulate_gradients(net, state, *, learning_rate, batch_size, momentum=0.9, weight_decay=1e-4,
@@ -146,176 +139,6 @@ def format_progress(mode, epoch, batch_no, num_batches, average_speed, current_s
     for name in sorted(k for k in stats if k not in ('num', 'time')):
         line += f' {name}: {stats[name]:.3f}'
     return line
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def checkpoint_path(exp_dir, epoch):
-    return os.path.join(exp_dir, f'net-epoch-{int(epoch)}.mat')
-
-
-def _checkpoint_epochs(exp_dir):
-    if not os.path.isdir(exp_dir):
-        return []
-    eps = []
-    for name in os.listdir(exp_dir):
-        m = _CKPT_RE.match(name)
-        if m:
-            eps.append(int(m.group(1)))
-    return sorted(eps)
-
-
-def find_last_checkpoint(exp_dir):
-    """The highest N of the files ``exp_dir/net-epoch-N.mat`` (0 when none); the file
-    is not opened (see :func:`load_checkpoint`)."""
-    eps = _checkpoint_epochs(exp_dir)
-    return eps[-1] if eps else 0
-
-
-def _stats_records(recs):
-    """Per-epoch dicts with the same fields in the same order (missing -> NaN), as a
-    MATLAB struct array needs them."""
-    names = []
-    for r in recs:
-        for k in r:
-            if k not in names:
-                names.append(k)
-    return [{n: float(r.get(n, math.nan)) for n in names} for r in recs]
-
-
-def _stats_to_mat(stats):
-    """{'train': [dict per epoch], 'val': [...]} -> the MATLAB form (a struct of 1 x E
-    struct arrays) that :func:`pydagnn.io.matfile.to_matlab` writes."""
-    return {split: _stats_records(stats.get(split, [])) for split in ('train', 'val')}
-
-
-def _records(v):
-    """A struct (array) read back with ``to_python`` -> list of dicts of floats."""
-    if v is None:
-        return []
-    if isinstance(v, dict):
-        v = [v]
-    if not isinstance(v, (list, tuple)):
-        raise CheckpointError(f'expected a struct array, got {type(v).__name__}')
-    out = []
-    for rec in v:
-        if not isinstance(rec, dict):
-            raise CheckpointError(f'expected a struct array, got an element of type {type(rec).__name__}')
-        r = {}
-        for k, x in rec.items():
-            a = np.asarray(x, dtype=np.float64).reshape(-1) if x is not None else np.zeros(0)
-            r[k] = float(a[0]) if a.size else math.nan
-        out.append(r)
-    return out
-
-
-def _stats_from_mat(v):
-    if not isinstance(v, dict):
-        raise CheckpointError(f'the variable stats is not a struct (got {type(v).__name__})')
-    return {split: _records(v.get(split)) for split in ('train', 'val')}
-
-
-def _state_to_mat(net, state, save_momentum, last_stats):
-    """``state`` as MatConvNet saves it: ``momentum`` a 1 x P cell array in param order
-    (0 for a param never updated; ``[]`` when not saved), ``stats`` the last epoch's."""
-    moms = (state or {}).get('momentum') or {}
-    if save_momentum:
-        cell = [np.asarray(backend.to_host(moms[p.name])) if moms.get(p.name) is not None else 0.0
-                for p in net.params]
-    else:
-        cell = None
-    out = {'momentum': cell,
-           # not in MatConvNet's state: the order the layers ran in, so that a resumed run
-           # sums derivatives in the same order (a GM net's order is not the loader's default)
-           'executionOrder': np.asarray(net.execution_order, dtype=np.float64).reshape(1, -1) + 1}
-    if last_stats is not None:
-        out['stats'] = {k: _stats_records([v])[0] for k, v in last_stats.items()}
-    return out
-
-
-def _momentum_from_mat(net, state):
-    """``state.momentum`` (a cell array in param order, read back with ``to_python``)
-    -> {param name: array shaped and typed as the param}."""
-    if not isinstance(state, dict):
-        return {}
-    cell = state.get('momentum')
-    if cell is None or (isinstance(cell, np.ndarray) and cell.size == 0):
-        return {}
-    if isinstance(cell, np.ndarray) and cell.dtype == object:
-        cell = list(cell.reshape(-1, order='F'))
-    if not isinstance(cell, list):
-        raise CheckpointError(f'state.momentum is not a cell array (got {type(cell).__name__})')
-    if len(cell) != len(net.params):
-        raise CheckpointError(f'state.momentum has {len(cell)} entries, the net has {len(net.params)} params')
-    moms = {}
-    for p, m in zip(net.params, cell):
-        if p.value is None or m is None:
-            continue
-        m = np.asarray(m)
-        if m.size == 1 and p.value.size != 1 and float(m.reshape(-1)[0]) == 0.0:
-            continue  # never updated (MATLAB's initial 0)
-        if m.size != p.value.size:
-            raise CheckpointError(f'state.momentum for param {p.name!r} has shape {m.shape}, '
-                                  f'the param {p.value.shape}')
-        moms[p.name] = np.asarray(m.reshape(p.value.shape, order='F'), dtype=p.value.dtype)
-    return moms
-
-
-def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None):
-    """Write ``net`` (its saveobj struct), ``state`` (``momentum`` as a 1 x P cell array
-    in param order, and the last epoch's ``stats``) and ``stats`` to ``path`` (MATLAB v7).
-    ``save_matconvnet`` writes atomically (a temporary file beside ``path``, flushed and
-    renamed): a crash leaves either the old file or the complete new one."""
-    from .io.matconvnet import save_matconvnet
-    extra = {'state': _state_to_mat(net, state, save_momentum, last_stats), 'stats': _stats_to_mat(stats)}
-    moved = net.device == 'gpu'
-    try:
-        if moved:
-            net.move('cpu')
-        save_matconvnet(net, path, version='7', extra=extra)
-    finally:
-        if moved:
-            net.move('gpu')
-
-
-def load_checkpoint(path):
-    """``(net, state, stats)`` from a checkpoint; ``state['momentum']`` maps param names
-    to arrays; ``state['execution_order']`` is the layer order the run used when the file
-    records it (``state.executionOrder``, 1-based; the net is given that order). Raises
-    :class:`CheckpointError` naming the file when it cannot be read or lacks ``net`` or
-    ``stats`` (a partial save)."""
-    from .io.matconvnet import load_matconvnet
-    from .io.matfile import read_mat, to_python
-    try:
-        mat = read_mat(path, variable_names=['state', 'stats'])
-        if 'stats' not in mat:
-            raise CheckpointError(f"checkpoint {path} was only partially saved: it has no variable 'stats'")
-        stats = _stats_from_mat(to_python(mat['stats'], 'stats'))
-        net = load_matconvnet(path)
-        st = to_python(mat['state'], 'state') if 'state' in mat else {}
-        moms = _momentum_from_mat(net, st)
-        state = {'momentum': moms}
-        order = st.get('executionOrder') if isinstance(st, dict) else None
-        if order is not None:
-            try:
-                net.set_execution_order([int(i) - 1 for i in np.asarray(order).reshape(-1)])
-                state['execution_order'] = net.execution_order
-            except (ValueError, KeyError, IndexError) as e:
-                warnings.warn(f'{path}: state.executionOrder ignored ({e})', RuntimeWarning, stacklevel=2)
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f'checkpoint {path} cannot be read ({type(e).__name__}: {e})') from e
-    return net, state, stats
-
-
-def _adopt_order(net, model):
-    """Give ``net`` the execution order of ``model`` (same layer names), if valid."""
-    try:
-        names = [model.layers[i].name for i in model.execution_order]
-        if sorted(names) == sorted(l.name for l in net.layers):
-            net.set_execution_order(names)
-    except (ValueError, KeyError, AttributeError):
-        pass
 
 
 # ---------------------------------------------------------------------------- options
@@ -436,12 +259,12 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     stats = {'train': [], 'val': []}
     start = 0
     if continue_:
-        start, loaded = _resume(exp_dir, log)
+        start, loaded = resume_last(exp_dir, log)
         if start:
             model = net
             net, state, stats = loaded
             if 'execution_order' not in state:  # e.g. a checkpoint written by MATLAB
-                _adopt_order(net, model)
+                adopt_order(net, model)
             stats = {k: list(v)[:start] for k, v in stats.items()}
     if isinstance(net.meta.get('trainOpts'), dict):
         net.meta['trainOpts']['learningRate'] = lrs if len(lrs) > 1 else lrs[0]
@@ -482,22 +305,6 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     if gpus:  # as the original, hand the net back on the CPU
         net.move('cpu')
     return net, stats
-
-
-def _resume(exp_dir, log):
-    """(epoch, (net, state, stats)) of the newest readable checkpoint, or (0, None)."""
-    for ep in reversed(_checkpoint_epochs(exp_dir)):
-        path = checkpoint_path(exp_dir, ep)
-        try:
-            loaded = load_checkpoint(path)
-        except CheckpointError as e:
-            msg = f'cnn_train_dag: {e}; ignoring it and trying the previous checkpoint'
-            log(msg)
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
-            continue
-        log(f'cnn_train_dag: resuming by loading epoch {ep}')
-        return ep, loaded
-    return 0, None
 
 
 def _batch_jobs(subset, batch_size, num_sub_batches, mode, seed):

@@ -4,7 +4,7 @@
 ``meta.rgbCovariance`` hold; :func:`convert_imagenet64` turns downsampled-ImageNet batches
 into an imdb.mat; :func:`repack_imdb` copies any imdb.mat (e.g. MATLAB's own,
 gzip-chunked) into the fast v7.3 layout; :func:`synth_imdb` writes a small learnable imdb.
-They read through :mod:`pydagnn.io.imdb` and write through :mod:`pydagnn.io.imdb_write`.
+They read through :mod:`pydagnn.io.imdb_read` and write through :mod:`pydagnn.io.imdb_write`.
 """
 import glob
 import math
@@ -14,8 +14,8 @@ import re
 
 import numpy as np
 
-from .imdb import load_imdb
-from .imdb_write import _DEFAULT_SETS, ImdbWriter, save_imdb
+from .imdb_read import load_imdb
+from .imdb_write import DEFAULT_SETS, ImdbWriter, save_imdb
 
 __all__ = ['RgbStats', 'convert_imagenet64', 'repack_imdb', 'synth_imdb']
 
@@ -293,7 +293,7 @@ def synth_imdb(path, num_train=1000, num_val=200, num_classes=10, size=64, seed=
     sets = np.r_[np.ones(num_train), 2 * np.ones(num_val)]
     n = num_train + num_val
     stats = RgbStats(3)
-    meta = {'sets': list(_DEFAULT_SETS),
+    meta = {'sets': list(DEFAULT_SETS),
             'classes': [f'class{c + 1}' for c in range(num_classes)]}
 
     sub = 256
