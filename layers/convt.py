@@ -170,6 +170,27 @@ class ConvTranspose(Layer):
         'opts': ['cuDNN'],
     }
 
+    def load(self, props):
+        """Set properties, then normalise them as ConvTranspose.m's setters do: ``size`` to
+        4 numbers (trailing 1s added), ``upsample`` to 2, ``crop`` to 4 (1 -> [c c c c],
+        2 -> [a a b b]). Values that are not numbers are left for forward to reject."""
+        super().load(props)
+        try:
+            s = [float(v) for v in np.asarray(self.size, dtype=np.float64).ravel()]
+            self.size = [int(v) if v == int(v) else v for v in (s + [1, 1, 1, 1])[:4]]
+            u = [int(v) for v in np.asarray(self.upsample, dtype=np.float64).ravel()]
+            if len(u) == 1:
+                u = u * 2
+            self.upsample = u
+            c = [int(v) for v in np.asarray(self.crop, dtype=np.float64).ravel()]
+            if len(c) == 1:
+                c = c * 4
+            elif len(c) == 2:
+                c = [c[0], c[0], c[1], c[1]]
+            self.crop = c
+        except (TypeError, ValueError, OverflowError):
+            pass
+
     def _size4(self):
         s = [int(v) for v in np.asarray(self.size, dtype=np.float64).ravel()]
         return tuple((s + [1, 1, 1, 1])[:4])

