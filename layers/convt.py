@@ -159,7 +159,8 @@ class ConvTranspose(Layer):
     channels (``vl_nnconvt``). MatConvNet's ``getOutputSizes`` and ``initParams`` use
     ``size(3)`` channels, which is what vl_nnconvt produces only for numGroups = 1; here
     both use ``K * numGroups`` (the channels the op really outputs, the bias count it
-    checks)."""
+    checks). ``opts`` holds vl_nnconvt's backend switches (cuDNN, workspace limits); they
+    do not change the result and are kept only to be saved."""
     backward_needs_outputs = False
     properties = {
         'size': [0, 0, 0, 0],

@@ -340,6 +340,13 @@ def test_lrn_even_window_placement():
     np.testing.assert_allclose(y.ravel(), [1 / 3, 1 / 6, 2 / 5])
 
 
+def test_lrn_l2_normalisation():
+    """MatConvNet's xtest 'l2': N >= 2D, kappa 0, alpha 1, beta 1/2 gives unit columns."""
+    x = _rng('l2').standard_normal((2, 3, 10, 2))
+    y = lrn_forward(x, [20, 0, 1, 0.5])
+    np.testing.assert_allclose(np.sum(y ** 2, axis=2), 1.0, rtol=1e-12)
+
+
 def test_lrn_float32_shapes_and_errors():
     rng = _rng('lrn32')
     x = rng.standard_normal((4, 3, 6)).astype(np.float32)   # N = 1 dropped
