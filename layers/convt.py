@@ -18,13 +18,13 @@ with ``K * G`` channels. The operator is the adjoint of ``vl_nnconv`` with strid
 ``upsample`` and padding ``crop`` applied to a ``YH x YW x K*G`` map: if
 ``u = vl_nnconv(v, w)`` is ``u(:) = M v(:)``, then ``y(:) = M' x(:)``.
 
-Implementation: exactly that adjoint, through the convolution code of
-:mod:`pydagnn.layers.conv` (as MatConvNet does with its own ``Convolution::backward`` /
-``forward``): the forward pass is the input derivative of a convolution of a zero
-``YH x YW x K*G`` map (its filter derivative is computed and dropped), the input
-derivative is a plain convolution of ``dy``, and the filter derivative is that of a
-convolution of ``dy`` with output derivative ``x``. Grouping follows from the channel
-counts, as in ``vl_nnconv``. CuPy inputs run on the GPU convolution kernels unchanged.
+Implementation, on either device (NumPy or CuPy arrays): the forward pass scatters one
+batched GEMM per filter tap into the uncropped output (``xp`` array code); the backward
+pass uses the convolution code of :mod:`pydagnn.layers.conv` (as MatConvNet does with its
+``Convolution::forward``): the input derivative is the plain convolution of ``dy``;
+the filter derivative gathers ``dy`` per tap and multiplies it with the input (one batched
+GEMM per tap, ``xp`` array code). Grouping follows from the channel counts, as in
+``vl_nnconv``.
 """
 import math
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from pydagnn.layers.conv import conv_backward, conv_forward, parse_pad, parse_pair
+from pydagnn.layers.conv import conv_forward, parse_pad, parse_pair
 
 __all__ = ['convt_forward', 'convt_backward', 'convt_output_size', 'parse_crop', 'ConvTranspose']
 
@@ -107,6 +107,97 @@ def _geometry(x, w, b, upsample, crop, num_groups, op):
     return xp, x, w, b, up, cr, G, out
 
 
+def _over_images(part, N, xp):
+    """[part(0, N)] on the GPU; on the CPU the images split over the worker threads of
+    :func:`pydagnn.layers.kernels.threads_cpu.parallel_for` (single-threaded BLAS in each:
+    multi-threaded GEMMs stall on a loaded small machine), a list of the parts' results."""
+    if xp is np:
+        try:
+            from pydagnn.layers.kernels.threads_cpu import parallel_for
+        except ImportError:   # pragma: no cover - the helper moved: run in this thread
+            parallel_for = None
+        if parallel_for is not None:
+            return parallel_for(lambda a, b, _: part(a, b), N)
+    return [part(0, N)]
+
+
+def _scatter_forward(x, w, up, cr, G, xp):
+    """y = M' x directly: every filter tap (i, j) multiplies the whole input (one batched
+    GEMM over images and groups; a broadcast product when groups have depth 1) and adds it
+    at rows i, i+uy, ... and columns j, j+ux, ... of the uncropped output; then the crop.
+    Array code over ``xp``; the same arithmetic as the conv adjoint without its unused
+    filter derivative."""
+    H, W, D, N = x.shape
+    FH, FW, K, _ = w.shape
+    Dg = D // G
+    uy, ux = up
+    ct, cb, cl, cr_ = cr
+    Hf, Wf = uy * (H - 1) + FH, ux * (W - 1) + FW
+    dt = x.dtype
+    xg = xp.ascontiguousarray(x.T).reshape(N, G, Dg, W * H)            # x.T: (N, D, W, H)
+    # w[i, j] is (K, D) = (K, G, Dg): per tap a (G, K, Dg) stack of group matrices
+    wg = xp.ascontiguousarray(w.astype(dt, copy=False).reshape(FH, FW, K, G, Dg).transpose(0, 1, 3, 2, 4))
+    full = xp.zeros((N, G, K, Wf, Hf), dtype=dt)
+    rows = (H - 1) * uy + 1
+    cols = (W - 1) * ux + 1
+
+    def part(a, b):
+        xa, m = xg[a:b], b - a
+        for i in range(FH):
+            for j in range(FW):
+                if Dg == 1:
+                    c = wg[i, j] * xa                                # (G, K, 1) * (m, G, 1, WH)
+                else:
+                    c = xp.matmul(wg[i, j], xa)                      # (m, G, K, WH)
+                full[a:b, :, :, j:j + cols:ux, i:i + rows:uy] += c.reshape(m, G, K, W, H)
+    _over_images(part, N, xp)
+    y = full.reshape(N, G * K, Wf, Hf)[:, :, cl:Wf - cr_, ct:Hf - cb].T
+    return xp.asfortranarray(y)
+
+
+def _gather_filter_derivative(x, w, dy, up, cr, G, xp):
+    """dw[i, j, k, d] = sum over images and input pixels (h, w') of
+    dy_uncropped[i + uy h, j + ux w', g K + k] * x[h, w', d] (g the group of d): per tap one
+    strided gather of ``dy`` (zero in the cropped border) and one GEMM per group, the
+    images of a worker's share joining the contraction."""
+    H, W, D, N = x.shape
+    FH, FW, K, _ = w.shape
+    Dg = D // G
+    uy, ux = up
+    ct, cb, cl, cr_ = cr
+    Hf, Wf = uy * (H - 1) + FH, ux * (W - 1) + FW
+    dt = x.dtype
+    xg = xp.ascontiguousarray(x.T).reshape(N, G, Dg, W * H)
+    dyT = dy.T.reshape(N, G, K, Wf - cl - cr_, Hf - ct - cb)
+    rows = (H - 1) * uy + 1
+    cols = (W - 1) * ux + 1
+
+    def part(a, b):
+        m = b - a
+        xa = xg[a:b]
+        # (G, m*WH, Dg)
+        xr = xp.ascontiguousarray(xa.transpose(1, 0, 3, 2)).reshape(G, m * W * H, Dg)
+        full = xp.zeros((m, G, K, Wf, Hf), dtype=dt)
+        full[:, :, :, cl:Wf - cr_, ct:Hf - cb] = dyT[a:b]
+        dwg = xp.empty((FH, FW, G, K, Dg), dtype=dt)
+        for i in range(FH):
+            for j in range(FW):
+                s = full[:, :, :, j:j + cols:ux, i:i + rows:uy].reshape(m, G, K, W * H)
+                if Dg == 1:
+                    dwg[i, j] = (s * xa).sum(axis=(0, 3))[..., None]
+                else:
+                    sr = xp.ascontiguousarray(s.transpose(1, 2, 0, 3)).reshape(G, K, m * W * H)
+                    dwg[i, j] = xp.matmul(sr, xr)
+        return dwg
+    parts = _over_images(part, N, xp)
+    dwg = parts[0]
+    for p in parts[1:]:
+        dwg += p
+    # (FH, FW, G, K, Dg) -> (FH, FW, K, G, Dg) = (FH, FW, K, D)
+    dw = dwg.transpose(0, 1, 3, 2, 4).reshape(FH, FW, K, D)
+    return xp.asfortranarray(dw.astype(w.dtype if w.dtype.kind == 'f' else dt, copy=False))
+
+
 def convt_forward(x, w, b=None, upsample=1, crop=0, num_groups=1):
     """``vl_nnconvt(x, w, b, 'upsample', upsample, 'crop', crop, 'numGroups', num_groups)``.
 
@@ -114,10 +205,7 @@ def convt_forward(x, w, b=None, upsample=1, crop=0, num_groups=1):
     xp, x, w, b, up, cr, G, out = _geometry(x, w, b, upsample, crop, num_groups, 'convt_forward')
     if out[3] == 0:
         return xp.zeros(out, dtype=x.dtype, order='F')
-    z = xp.zeros(out, dtype=x.dtype, order='F')
-    # y = M' x where M is the convolution of a YH x YW x K*G map with w, stride upsample,
-    # pad crop (the conv code infers the G groups from K*G channels vs K filter channels)
-    y = conv_backward(z, w, None, x, pad=cr, stride=up)[0]
+    y = _scatter_forward(x, w, up, cr, G, xp)
     if b is not None:
         y += b.astype(y.dtype, copy=False).reshape(1, 1, -1, 1)
     return xp.asfortranarray(y)
@@ -139,7 +227,7 @@ def convt_backward(x, w, b, dy, upsample=1, crop=0, num_groups=1):
     else:
         # <dy, M' x> = <M dy, x>: dx = M dy, dw = d<conv(dy; w), x>/dw
         dx = conv_forward(dy, w, None, pad=cr, stride=up)
-        dw = conv_backward(dy, w, None, x, pad=cr, stride=up)[1]
+        dw = _gather_filter_derivative(x, w, dy, up, cr, G, xp)
     db = None
     if b is not None:
         db = dy.sum(axis=(0, 1, 3)).astype(b.dtype if b.dtype.kind == 'f' else x.dtype, copy=False)

@@ -161,6 +161,24 @@ def test_convt_is_the_adjoint_of_conv():
     assert np.isclose(np.sum(v * y), np.sum(u * x), rtol=1e-12)
 
 
+@pytest.mark.parametrize('threads', ['1', '3'])
+def test_convt_worker_split(monkeypatch, threads):
+    """The batch split over worker threads (or none) gives the reference values and
+    the same derivatives (the filter derivative sums the workers' parts)."""
+    rng = _rng('split')
+    x = rng.standard_normal((3, 4, 4, 5))
+    f = rng.standard_normal((3, 2, 3, 4))
+    dy = rng.standard_normal((6, 7, 6, 5))
+    ref = convt_backward(x, f, None, dy, 2, [1, 0, 0, 1], 2)
+    monkeypatch.setenv('PYDAGNN_NUM_THREADS', threads)
+    y = convt_forward(x, f, None, 2, [1, 0, 0, 1], 2)
+    np.testing.assert_allclose(y, ref_convt(x, f, None, (2, 2), (1, 0, 0, 1), 2), rtol=1e-12, atol=1e-12)
+    got = convt_backward(x, f, None, dy, 2, [1, 0, 0, 1], 2)
+    for a, c in zip(got[:2], ref[:2]):
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-12)
+    assert np.isclose(np.sum(got[1] * f), np.sum(dy * y))   # linear in f
+
+
 def test_convt_float32_matlab_shapes_and_empty_batch():
     rng = _rng('f32')
     x = rng.standard_normal((5, 4, 3)).astype(np.float32)       # N = 1 dropped
