@@ -250,6 +250,8 @@ class ConvTranspose(Layer):
     checks). ``opts`` holds vl_nnconvt's backend switches (cuDNN, workspace limits); they
     do not change the result and are kept only to be saved."""
     backward_needs_outputs = False
+    #: the engine's param roles (filters 4-D, bias 1-D); shape_param below applies them
+    param_roles = ('filter', 'vector')
     properties = {
         'size': [0, 0, 0, 0],
         'hasBias': True,
