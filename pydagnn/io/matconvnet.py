@@ -654,6 +654,13 @@ def from_simplenn(top, _ctx=None, _prefix=''):
         elif t in ('normalize', 'lrn'):
             type_name = 'dagnn.LRN'
             props['param'] = layer['param']
+        elif t in ('spnorm', 'noffset'):
+            # beta25's fromSimpleNN has no case for these two; mapped like 'lrn' (one
+            # `param` property, no tidy default: vl_simplenn needs the field)
+            type_name = 'dagnn.SpatialNorm' if t == 'spnorm' else 'dagnn.NormOffset'
+            if 'param' not in layer:
+                raise ctx.error(w, f'layer {name!r}: a {t} layer needs the field `param`')
+            props['param'] = layer['param']
         elif t == 'dropout':
             type_name = 'dagnn.DropOut'
             props['rate'] = layer['rate']
