@@ -429,3 +429,47 @@ def test_gpu_matches_cpu(k):
         if b is not None:
             assert backend.is_gpu_array(a), name
             assert rel_err(backend.to_host(a), b) < 1e-4, name
+
+
+# --------------------------------------------------------------- SimpleNN conversion
+
+def _simplenn_file(tmp_path, *layers):
+    import scipy.io
+    c = np.empty((1, len(layers)), dtype=object)
+    for i, layer in enumerate(layers):
+        c[0, i] = layer
+    scipy.io.savemat(tmp_path / 'simple.mat', {'layers': c})
+    return tmp_path / 'simple.mat'
+
+
+def test_simplenn_pdist_becomes_pdist_with_a_class_input(tmp_path):
+    from pydagnn.io import load_matconvnet
+    w = RNG(12).uniform(0.5, 2, (3, 4, 1, 2))
+    path = _simplenn_file(tmp_path, {'type': 'relu', 'name': 'r'},
+                          {'type': 'pdist', 'name': 'dist', 'p': np.array([[1.5]]),
+                           'noRoot': np.array([[True]])},
+                          {'type': 'pdist', 'name': 'dist2', 'instanceWeights': w,
+                           'aggregate': np.array([[True]])})
+    net = load_matconvnet(path)
+    assert [l.block.type_name for l in net.layers] == ['dagnn.ReLU', 'dagnn.PDist', 'dagnn.PDist']
+    d1, d2 = net.layers[1], net.layers[2]
+    assert d1.inputs == ['x1', 'class'] and d2.inputs == ['x2', 'class1']
+    b1, b2 = d1.block, d2.block
+    assert (float(b1.p), bool(b1.noRoot), float(b1.epsilon), bool(b1.aggregate)) == \
+        (1.5, True, 1e-3, False)
+    assert (float(b2.p), bool(b2.noRoot), bool(b2.aggregate)) == (2.0, False, True)
+    # the layer's constant instance weights travel in opts, as vl_nnpdist options
+    x = RNG(13).standard_normal((3, 4, 1, 2))
+    x0 = RNG(14).standard_normal((3, 4, 1, 2))
+    y = b2.forward([x, x0], [])[0]
+    np.testing.assert_allclose(y, ref_pdist(x, x0, 2, False, w, True), rtol=1e-12)
+
+
+def test_simplenn_custom_layer_is_a_clear_error(tmp_path):
+    from pydagnn.io import load_matconvnet
+    from pydagnn.io.errors import MatFileError
+    path = _simplenn_file(tmp_path, {'type': 'relu', 'name': 'r'},
+                          {'type': 'custom', 'name': 'mine'})
+    with pytest.raises(MatFileError, match=r"'mine' \(SimpleNN layer 2\).*custom layers hold "
+                                           r"MATLAB function handles, which cannot be loaded"):
+        load_matconvnet(path)
