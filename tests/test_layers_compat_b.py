@@ -473,3 +473,35 @@ def test_simplenn_custom_layer_is_a_clear_error(tmp_path):
     with pytest.raises(MatFileError, match=r"'mine' \(SimpleNN layer 2\).*custom layers hold "
                                            r"MATLAB function handles, which cannot be loaded"):
         load_matconvnet(path)
+
+
+def test_new_blocks_in_a_net_save_load_and_backprop(tmp_path):
+    """ROIPooling, the grid generator, the sampler, MPN_COV_Pool_C and PDist in one DagNN:
+    the properties survive a .mat round trip and derivatives flow through the engine."""
+    from pydagnn import DagNN
+    from pydagnn.io import load_matconvnet, save_matconvnet
+    net = DagNN()
+    net.add_layer('aff', AffineGridGenerator(Ho=4, Wo=5), ['A'], ['g'])
+    net.add_layer('bs', BilinearSampler(), ['x', 'g'], ['s'])
+    net.add_layer('roi', ROIPooling(method='avg', subdivisions=[3, 2], flatten=False,
+                                    transform=np.array([[0.5, 0, 0.5], [0, 0.5, 0.5]])),
+                  ['x', 'rois'], ['r'])
+    net.add_layer('cov', MPN_COV_Pool_C(alpha=0.3), ['s'], ['c', 'aS', 'aV', 'aD'])
+    net.add_layer('pd', PDist(p=1.5, opts=['noRoot', True]), ['c', 't'], ['obj'])
+    save_matconvnet(net, tmp_path / 'n.mat')
+    n2 = load_matconvnet(tmp_path / 'n.mat')
+    for a, b in zip(net.layers, n2.layers):
+        assert type(a.block) is type(b.block) and (a.inputs, a.outputs) == (b.inputs, b.outputs)
+        for k in a.block.properties:
+            np.testing.assert_array_equal(np.asarray(getattr(b.block, k), dtype=object),
+                                          np.asarray(getattr(a.block, k), dtype=object))
+    rng = RNG(15)
+    x = rng.standard_normal((9, 11, 3, 2))
+    A = np.tile(np.array([0.8, 0.1, -0.1, 0.9, 0.05, -0.05]).reshape(1, 1, 6, 1), (1, 1, 1, 2))
+    t = rng.standard_normal((1, 1, 6, 2))
+    inputs = {'x': x, 'A': A, 'rois': ROIS, 't': t}
+    n2.conserve_memory = False
+    n2.eval(inputs, {'obj': 1.0})
+    assert n2.get_var('x').der.shape == x.shape and n2.get_var('A').der.shape == A.shape
+    assert n2.get_var('obj').value.shape == (1, 1, 1, 1)
+    assert n2.get_var('r').value.shape == (3, 2, 3, ROIS.shape[1])
