@@ -112,7 +112,6 @@ def uniform_scaling_grid_backward(T, dgrid, Ho, Wo):
 
 class _GridGenerator(Layer):
     properties = {'Ho': 0, 'Wo': 0}
-    _k = 0
 
     def forward(self, inputs, params):
         return [self._fwd(inputs[0], self.Ho, self.Wo)]

@@ -7,7 +7,6 @@ the .m files for the grid generators), float64 derivative checks (check_block) f
 option set, MatConvNet's special rules (epsilon in pdist derivatives, ROI rounding and
 tie order, zero padding of the sampler), the block API, and GPU-vs-CPU comparisons
 (marker gpu, skipped without CuPy)."""
-import itertools
 import math
 import zlib
 
