@@ -688,6 +688,21 @@ def from_simplenn(top, _ctx=None, _prefix=''):
             if isinstance(wts[0], np.ndarray) and wts[0].size:
                 props['numChannels'] = np.array([[float(wts[0].size)]])
             props['epsilon'] = _num(layer['epsilon'], f'{w}.epsilon', ctx)
+        elif t == 'pdist':
+            # fromSimpleNN has no case for it; vl_simplenn compares x with the layer's field
+            # `class` (set before each call, like a loss's label): dagnn.PDist with the target
+            # as a second input var; tidy's defaults (epsilon 1e-3, no aggregation)
+            type_name = 'dagnn.PDist'
+            for k, v in (('p', 2.0), ('noRoot', False), ('epsilon', 1e-3), ('aggregate', False)):
+                props[k] = layer.get(k, v)
+            iw = layer.get('instanceWeights')
+            if isinstance(iw, np.ndarray) and iw.size:
+                props['opts'] = MatCell(['instanceWeights', iw], (1, 2))
+            inputs.append(new_var_name('class'))
+        elif t == 'custom' and ctx.strict:
+            raise ctx.error(w, f'layer {name!r} (SimpleNN layer {l + 1}) has the type {t!r}: custom layers '
+                               'hold MATLAB function handles, which cannot be loaded; load with strict=False '
+                               'to load the rest', UnknownLayerTypeError)
         else:
             if ctx.strict:
                 raise ctx.error(w, f'layer {name!r} has the SimpleNN type {t!r}, which fromSimpleNN does not '
