@@ -17,6 +17,7 @@ import time
 
 from .io.errors import MatFileError
 from .io.imdb import convert_imagenet64, imdb_info, repack_imdb, synth_imdb
+from .io.tmpfiles import clean_stale
 
 
 def _parser():
@@ -52,6 +53,9 @@ def _parser():
 def main(argv=None):
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
+    if args.cmd in ('convert', 'synth'):   # what killed writers left beside the output
+        clean_stale(os.path.dirname(os.path.abspath(args.out)),
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
     try:
         if args.cmd == 'convert':
             if os.path.isfile(args.src):

@@ -52,7 +52,6 @@ can spin forever on a damaged one), nesting is bounded. Every failure to read is
 """
 import os
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -61,6 +60,7 @@ import warnings
 import numpy as np
 
 from .errors import MatFileError
+from .tmpfiles import create_tmp
 
 __all__ = ['MatStruct', 'MatCell', 'MatObject', 'LazyArray', 'MatWriter', 'AppendArray',
            'Publishing', 'read_mat', 'write_mat', 'to_python', 'to_matlab', 'lazy_array', 'sniff',
@@ -1276,14 +1276,16 @@ def _umask():
 def tmp_beside(path):
     """A new empty temporary file in ``path``'s folder, with the mode the published file
     should have: that of the file it replaces, else what ``open(path, 'w')`` would give
-    (mkstemp's 0600 would otherwise end up on the published file)."""
+    (a new file's 0600 would otherwise end up on the published file). Its name is
+    :func:`pydagnn.io.tmpfiles.create_tmp`'s."""
     try:
         mode = os.stat(path).st_mode & 0o777
     except OSError:
         mode = 0o666 & ~_umask()
     d, base = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{base}.', suffix='.tmp', dir=d)
-    os.close(fd)
+    # named as ours, with the writer's pid: a killed writer's file is removed at the next
+    # start (pydagnn.io.tmpfiles.clean_stale), nothing else ever is
+    tmp = create_tmp(d, base)
     try:
         os.chmod(tmp, mode)
     except OSError:
