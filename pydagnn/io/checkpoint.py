@@ -7,6 +7,7 @@ array of the epochs' statistics). It is written atomically through
 :mod:`pydagnn.io.matfile` (temporary file beside it, renamed), so a crash leaves the old
 file or the whole new one; :func:`resume_last` skips a checkpoint that cannot be read.
 """
+import errno
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from .. import backend
 from .matconvnet import load_matconvnet, save_matconvnet
 from .matfile import MatCell, read_mat, to_python
 
-__all__ = ['CheckpointError', 'checkpoint_path', 'checkpoint_epochs', 'find_last_checkpoint',
+__all__ = ['CheckpointError', 'CheckpointWriteError', 'checkpoint_path', 'checkpoint_epochs', 'find_last_checkpoint',
            'save_checkpoint', 'load_checkpoint', 'resume_last', 'adopt_order']
 
 _CKPT_RE = re.compile(r'^net-epoch-(\d+)\.mat$')
@@ -26,6 +27,15 @@ _CKPT_RE = re.compile(r'^net-epoch-(\d+)\.mat$')
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (truncated, corrupt or incomplete)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the message names the
+    file and the previous checkpoint, which is untouched. ``errno`` is the OS error's."""
+
+    def __init__(self, message, errno_=None):
+        super().__init__(message)
+        self.errno = errno_
 
 
 def checkpoint_path(exp_dir, epoch):
@@ -142,15 +152,32 @@ def _momentum_from_mat(net, state):
     return moms
 
 
-def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None):
+def save_checkpoint(path, net, state, stats, save_momentum=True, last_stats=None, previous=None):
     """Write ``net`` (its saveobj struct), ``state`` (``momentum`` as a 1 x P cell array
     in param order, and the last epoch's ``stats``) and ``stats`` to ``path`` (MATLAB v7).
     Each parameter and momentum is copied to the host once (``backend.to_host``) and the
     struct is built from those copies: the net is not moved (a GPU net stays on the GPU).
     ``save_matconvnet`` writes atomically (a temporary file beside ``path``, flushed and
-    renamed): a crash leaves either the old file or the complete new one."""
+    renamed): a crash leaves either the old file or the complete new one.
+
+    An OS error while writing (``ENOSPC``: the disk is full) raises
+    :class:`CheckpointWriteError` naming ``path`` and ``previous`` (the last checkpoint,
+    which a failed write never touches); the temporary file is removed."""
     extra = {'state': _state_to_mat(net, state, save_momentum, last_stats), 'stats': _stats_to_mat(stats)}
-    save_matconvnet(net, path, version='7', extra=extra)
+    try:
+        save_matconvnet(net, path, version='7', extra=extra)
+    except OSError as e:
+        raise CheckpointWriteError(_write_failure(path, previous, e), e.errno) from e
+
+
+def _write_failure(path, previous, e):
+    """The message of a failed checkpoint write: the file, why, what is kept."""
+    why = 'the disk is full (ENOSPC)' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+    if e.errno == errno.EDQUOT:
+        why = 'the disk quota is exceeded (EDQUOT)'
+    kept = (f'the previous checkpoint {previous} is intact; free space and run again to resume from it'
+            if previous and os.path.exists(previous) else 'no earlier checkpoint exists')
+    return f'cannot write checkpoint {path}: {why}; {kept}'
 
 
 def load_checkpoint(path):
