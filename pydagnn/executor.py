@@ -64,6 +64,31 @@ def shape_str(v):
     return 'x'.join(str(s) for s in shape) + f' {getattr(v, "dtype", "")}'
 
 
+#: the floating dtypes the layers compute in (float16 has no CPU kernels; see CONVENTIONS)
+FLOAT_DTYPES = ('float32', 'float64')
+
+
+def check_input(name, value):
+    """Raise :class:`EvalError` naming var ``name`` unless ``value`` is a NumPy/CuPy
+    array the layers take: float32 or float64 (integer and bool arrays pass, e.g.
+    labels), with at least one element. A tuple value (a cell var) is checked per element."""
+    if isinstance(value, tuple):
+        for v in value:
+            check_input(name, v)
+        return
+    if not (isinstance(value, np.ndarray) or backend.is_gpu_array(value)):
+        raise EvalError(f'eval: input {name!r} is a {type(value).__name__}, not an array; give a '
+                        f'NumPy or CuPy array (e.g. numpy.asarray(x, dtype=numpy.float32))')
+    kind = value.dtype.kind
+    if (kind == 'f' and value.dtype.name not in FLOAT_DTYPES) or kind not in 'fiub':
+        raise EvalError(f'eval: input {name!r} has dtype {value.dtype} (shape {shape_str(value)}); '
+                        f'the layers compute in {" or ".join(FLOAT_DTYPES)}: convert it with '
+                        f'.astype(numpy.float32)')
+    if value.size == 0:
+        raise EvalError(f'eval: input {name!r} is empty (shape {shape_str(value)}): a batch needs '
+                        f'at least one image')
+
+
 def _noop():
     pass
 
@@ -95,6 +120,8 @@ class Executor:
         der_outputs = pairs(der_outputs, 'eval der_outputs') if der_outputs is not None else None
         net.computing_derivative = bool(der_outputs)
         self._check_names(inputs, der_outputs)
+        for name, value in inputs.items():
+            check_input(name, value)
         for v in net.vars:
             v.value = v.der = None
         if not net.accumulate_param_ders:
