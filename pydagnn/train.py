@@ -40,8 +40,9 @@ import time
 
 import numpy as np
 
-from . import backend
+from . import backend, finite
 from .data import get_batch as default_get_batch, imdb_field, make_loader
+from .runlock import open_exp_dir
 from .io.checkpoint import (CheckpointError, adopt_order, checkpoint_path, find_last_checkpoint,  # noqa: F401
                             load_checkpoint, resume_last, save_checkpoint)
 
@@ -253,8 +254,19 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     evaluate_mode = train.size == 0
     if not evaluate_mode and not der_outputs:
         raise ValueError('cnn_train_dag: der_outputs must be given when training')
-    os.makedirs(exp_dir, exist_ok=True)
+    # writable, locked for this run, our stale temp files removed (pydagnn.runlock)
+    with open_exp_dir(exp_dir, log):
+        return _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_mode, gpus,
+                      continue_, random_seed, save_momentum, plot_statistics, conserve_memory, log,
+                      dict(batch_size=batch_size, num_sub_batches=num_sub_batches, der_outputs=der_outputs,
+                           momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                           prefetch=prefetch))
 
+
+def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_mode, gpus, continue_,
+           random_seed, save_momentum, plot_statistics, conserve_memory, log, opts):
+    """The epochs of :func:`cnn_train_dag`, once the experiment folder is held."""
+    der_outputs = opts['der_outputs']
     state = {'momentum': {}}
     stats = {'train': [], 'val': []}
     start = 0
@@ -271,14 +283,13 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     for l in net.layers:  # what the blocks say the trainer reads after eval (Layer.trainer_reads)
         for k in l.block.trainer_reads:
             net.get_var(l.outputs[k]).precious = True
+    finite.keep_objectives(net, der_outputs)   # the objective survives conserve_memory for the check
     net.conserve_memory = bool(conserve_memory)
     if gpus:
         use_gpu(gpus[0])
         net.move('gpu')
         state['momentum'] = {k: backend.to_device(v, 'gpu') for k, v in state['momentum'].items()}
 
-    opts = dict(batch_size=batch_size, num_sub_batches=num_sub_batches, der_outputs=der_outputs,
-                momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, prefetch=prefetch)
     for epoch in range(start + 1, num_epochs + 1):
         seed = epoch + int(random_seed)
         rng = np.random.default_rng(seed)
@@ -294,7 +305,8 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
         if not evaluate_mode:
             t0 = time.perf_counter()
             path = checkpoint_path(exp_dir, epoch)
-            save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last)
+            save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last,
+                            previous=checkpoint_path(exp_dir, epoch - 1) if epoch > 1 else None)
             log(f'cnn_train_dag: saved {path} ({time.perf_counter() - t0:.1f} s)')
         if plot_statistics:
             from .plots import plot_stats
@@ -355,11 +367,13 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
         for b, subs in enumerate(batches):
             t = b * bs
             this_bs = min(bs, n - t)
+            step = []   # (imdb indexes, inputs) per sub-batch: what a non-finite step is diagnosed on
             for s, (idx, _, _) in enumerate(subs):
                 num += idx.size
                 if idx.size == 0:
                     continue
                 inputs = next(loader)
+                step.append((idx, inputs))
                 if mode == 'train':
                     net.mode = 'normal'
                     net.accumulate_param_ders = s != 0
@@ -371,8 +385,12 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
                 _collect_block_stats(net, block_stats)
             net.accumulate_param_ders = False
             if mode == 'train':
+                flag = finite.step_flag(net, opts['der_outputs'])   # queued on the device, read below
+                undo = finite.Snapshot(net, state)
                 accumulate_gradients(net, state, learning_rate=lr, batch_size=this_bs, momentum=opts['momentum'],
                                      weight_decay=opts['weight_decay'], nesterov=opts['nesterov'])
+                finite.raise_if_nonfinite(flag, undo, net, epoch=epoch, batch=b + 1, sub_batches=step,
+                                          der_outputs=opts['der_outputs'])
             now = time.perf_counter() - start + adjust_time
             batch_time = now - stats['time']
             stats['num'] = num
