@@ -25,8 +25,11 @@ import time
 import numpy as np
 
 from pydagnn.data import get_batch
+from pydagnn.finite import NonFiniteError
+from pydagnn.io.checkpoint import CheckpointWriteError
 from pydagnn.io.imdb import load_imdb, synth_imdb
 from pydagnn.models import MODEL_TYPES, build
+from pydagnn.runlock import ExpDirError, RunLockError
 from pydagnn.train import cnn_train_dag, train_opts_kwargs
 
 #: the generated imdb and the reduced model used when no --imdb is given
@@ -143,6 +146,20 @@ def main(argv=None):
     return net, stats
 
 
+#: failures of a run that are reported as one ``error:`` line (exit status 1)
+RUN_ERRORS = (NonFiniteError, RunLockError, ExpDirError, CheckpointWriteError)
+
+
+def cli(argv=None):
+    """:func:`main` as a command: 0 when done, 1 with one ``error: ...`` line on stderr
+    when the run fails in a way the user must act on (:data:`RUN_ERRORS`)."""
+    try:
+        main(argv)
+    except RUN_ERRORS as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
 if __name__ == '__main__':
-    main()
-    sys.exit(0)
+    sys.exit(cli())
