@@ -28,6 +28,7 @@ from pydagnn.data import get_batch
 from pydagnn.finite import NonFiniteError
 from pydagnn.io.checkpoint import CheckpointWriteError
 from pydagnn.io.imdb import load_imdb, synth_imdb
+from pydagnn.io.tmpfiles import clean_stale
 from pydagnn.models import MODEL_TYPES, build
 from pydagnn.runlock import ExpDirError, RunLockError
 from pydagnn.train import cnn_train_dag, train_opts_kwargs
@@ -51,6 +52,7 @@ def demo_imdb_path(num_train=None, num_val=None):
                                      f"s{d['size']}-n{d['noise']:g}-seed{d['seed']}.mat")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        clean_stale(os.path.dirname(path), log=print)   # what a killed generation left
         t0 = time.perf_counter()
         synth_imdb(path, **d)
         print(f'cnn_imagenet64: generated {path} ({time.perf_counter() - t0:.1f} s)', flush=True)

@@ -47,7 +47,7 @@ def keep_objectives(net, der_outputs):
 def _float_arrays(values):
     for v in values:
         a = first(v)
-        if a is not None and hasattr(a, 'dtype') and a.dtype.kind in 'fc' and a.size:
+        if a is not None and hasattr(a, 'dtype') and a.dtype.kind == 'f' and a.size:
             yield a
 
 

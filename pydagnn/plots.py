@@ -8,6 +8,8 @@ pyplot's global state.
 """
 import os
 
+from .io.tmpfiles import create_tmp
+
 __all__ = ['plot_stats', 'stat_names']
 
 _NOTICE_SHOWN = False
@@ -69,8 +71,13 @@ def plot_stats(stats, path_base, log=print):
     written = []
     for ext in ('.pdf', '.png'):
         path = path_base + ext
-        tmp = os.path.join(os.path.dirname(path) or '.', f'.{os.path.basename(path_base)}.tmp-{os.getpid()}{ext}')
-        fig.savefig(tmp, format=ext[1:], dpi=100)
-        os.replace(tmp, path)
+        # our temp name (a killed run's is removed at the next start: io.tmpfiles)
+        tmp = create_tmp(os.path.dirname(os.path.abspath(path)), os.path.basename(path), 0o644)
+        try:
+            fig.savefig(tmp, format=ext[1:], dpi=100)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
         written.append(path)
     return written
