@@ -10,6 +10,7 @@ Run as ``python -m pydagnn.imdb`` (that module is only the entry point); the lib
     python -m pydagnn.imdb info imdb.mat
 """
 import argparse
+import errno
 import json
 import os
 import sys
@@ -74,6 +75,11 @@ def main(argv=None):
     except (MatFileError, FileNotFoundError, ValueError, TypeError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:   # e.g. ENOSPC: the output is not published, its temp file removed
+        target = args.out if args.cmd != 'info' else args.path
+        print(f'error: {target}: {e.strerror or e}' + (f' ({errno.errorcode[e.errno]})' if e.errno in
+              errno.errorcode else '') + '; nothing was written', file=sys.stderr)
+        return 1
     return 0
 
 

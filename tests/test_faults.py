@@ -334,18 +334,22 @@ def test_command_unwritable_exp_dir_is_one_error_line_and_exit_1(tmp_path, monke
     assert len(err) == 1 and err[0].startswith('error: experiment folder ') and str(exp) in err[0]
 
 
-def test_command_disk_full_is_one_error_line_and_exit_1(monkeypatch, capsys):
+@pytest.mark.parametrize('error', [
+    CheckpointWriteError('cannot write checkpoint x/net-epoch-2.mat: the disk is full (ENOSPC); '
+                         'the previous checkpoint x/net-epoch-1.mat is intact', errno.ENOSPC),
+    NonFiniteError('cnn_train_dag: epoch 1, batch 2: the step is not finite'),
+    RunLockError('experiment folder x is in use by another run (pid 1 on host h)'),
+    ExpDirError('experiment folder x is not writable')], ids=lambda e: type(e).__name__)
+def test_command_run_failure_is_one_error_line_and_exit_1(error, monkeypatch, capsys):
     ex = _example()
 
     def train(*a, **k):
-        raise CheckpointWriteError('cannot write checkpoint x/net-epoch-2.mat: the disk is full (ENOSPC); '
-                                   'the previous checkpoint x/net-epoch-1.mat is intact', errno.ENOSPC)
+        raise error
     monkeypatch.setattr(ex, 'cnn_train_dag', train)
     monkeypatch.setattr(ex, 'load_imdb', lambda path: _FakeImdb())
     assert ex.cli(['--imdb', 'fake.mat', '--section-len', '1', '--cm-num', '4', '--topk', '2']) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ['error: cannot write checkpoint x/net-epoch-2.mat: the disk is full (ENOSPC); '
-                   'the previous checkpoint x/net-epoch-1.mat is intact']
+    assert err == [f'error: {error}']
 
 
 class _FakeImdb:
@@ -381,3 +385,21 @@ def test_eval_rejects_bad_inputs_naming_the_var(case):
         net.eval({'input': x, 'label': label})
     for w in want:
         assert w in str(ei.value)
+
+
+def test_imdb_synth_disk_full_is_one_error_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from pydagnn import imdb_cli
+    from pydagnn.io.matfile import AppendArray
+    real = AppendArray.append
+
+    def full_disk(self, block):
+        real(self, block[..., :1])
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(AppendArray, 'append', full_disk)
+    out = tmp_path / 'synth.mat'
+    code = imdb_cli.main(['synth', '--out', str(out), '--num-train', '4', '--num-val', '2',
+                          '--num-classes', '2', '--size', '8'])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1
+    assert err[0] == f'error: {out}: No space left on device (ENOSPC); nothing was written'
+    assert files_in(tmp_path) == []     # not published, no temp file left
