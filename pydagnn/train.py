@@ -33,6 +33,16 @@ Differences from the original, on purpose:
   * a checkpoint that cannot be read (half written by a crash of another program, or
     corrupt) is reported and the one before it is used; the original stops with an
     error asking to delete the file.
+  * faults stop the run early and say where (issue 13): the experiment folder is
+    checked writable and locked for the run before the first batch
+    (:mod:`pydagnn.runlock`: a second run fails at once naming the other process), our
+    stale temporary files of killed writers in it are removed; each training step is
+    checked finite (objective and every param derivative, :mod:`pydagnn.finite`) and a
+    non-finite one raises :class:`~pydagnn.finite.NonFiniteError` naming the epoch, the
+    batch and the first non-finite layer, the update not applied and no checkpoint
+    written; a checkpoint that cannot be written (disk full) raises
+    :class:`~pydagnn.io.checkpoint.CheckpointWriteError` naming the file, the previous
+    checkpoint untouched.
 """
 import math
 import os

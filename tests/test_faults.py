@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from pydagnn import backend
 from pydagnn import data as pdata
 from pydagnn import finite, runlock
 from pydagnn.executor import EvalError
@@ -403,3 +404,31 @@ def test_imdb_synth_disk_full_is_one_error_line_naming_the_file(tmp_path, monkey
     assert code == 1 and len(err) == 1
     assert err[0] == f'error: {out}: No space left on device (ENOSPC); nothing was written'
     assert files_in(tmp_path) == []     # not published, no temp file left
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not backend.gpu_available(), reason='needs cupy and a CUDA device')
+def test_nonfinite_step_on_gpu(tmp_path):
+    """The device count (one reduction per array into one vector, one read) and the
+    stop on the GPU: same epoch, batch and layer as on the CPU."""
+    import cupy
+    a = cupy.ones((3, 4), cupy.float32)
+    b = cupy.ones(5, cupy.float64)
+    b[2] = cupy.inf
+    c = cupy.full((2, 2), cupy.nan, cupy.float32)
+    n = finite.count_nonfinite([a, b, c, cupy.arange(3)])
+    assert isinstance(n, cupy.ndarray) and int(n) == 5
+    calls = []
+
+    def get_batch(imdb_, idx, mode, rng):
+        b = pdata.get_batch(imdb_, idx, mode=mode, rng=rng)
+        calls.append(1)
+        if len(calls) == 2:
+            b['input'][3, 4, 1, 2] = np.nan
+        return b
+    net = small_gm()
+    with pytest.raises(NonFiniteError) as ei:
+        cnn_train_dag(net, gm_imdb(8), get_batch, exp_dir=str(tmp_path / 'exp'), batch_size=4, num_epochs=1,
+                      learning_rate=0.01, gpus=[0], prefetch=False, plot_statistics=False, log=quiet([]))
+    assert (ei.value.epoch, ei.value.batch, ei.value.layer) == (1, 2, 'conv1_conv')
+    assert all(np.isfinite(backend.to_host(p.value)).all() for p in net.params)
