@@ -79,8 +79,21 @@ class RunLock:
         self._fd = None
         self._log = log
 
+    @property
+    def locked(self):
+        """Whether this object holds the folder's lock now."""
+        return self._fd is not None
+
     def acquire(self):
-        """Take the lock or raise :class:`RunLockError` at once (never waits)."""
+        """Take the lock or raise :class:`RunLockError` at once (never waits). On a file
+        system without locks (``ENOLCK``, ``EOPNOTSUPP``) one line is logged and the run
+        goes on unlocked (``self.locked`` False)."""
+        try:
+            return self._acquire()
+        except OSError as e:
+            raise ExpDirError(f'{self.path}: cannot take the run lock ({e.strerror or e})') from None
+
+    def _acquire(self):
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -91,7 +104,14 @@ class RunLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise RunLockError(f'experiment folder {self.folder} is in use by another run '
                                        f'({owner}); wait for it to end or give another --exp-dir') from None
-                raise ExpDirError(f'{self.path}: cannot lock ({e.strerror or e})') from None
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    if self._log is not None:
+                        self._log(f'{self.folder}: the file system has no locks ({e.strerror}); '
+                                  'running unlocked: make sure no other run uses this folder')
+                    if not owner.startswith('pid '):   # the empty file we just created
+                        os.unlink(self.path)
+                    return self
+                raise
             # the holder before us may have removed the file between our open and flock:
             # then we hold a lock on a deleted file; start again on the current one
             try:

@@ -179,6 +179,17 @@ def test_second_run_in_the_folder_fails_at_once_naming_folder_and_process(tmp_pa
     assert files_in(exp) == ['net-epoch-1.mat']      # released on exit: the lock file is gone
 
 
+def test_file_system_without_locks_runs_unlocked_with_one_line(tmp_path, monkeypatch):
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, 'No locks available')
+    monkeypatch.setattr(runlock.fcntl, 'flock', no_locks)
+    lines = []
+    with runlock.open_exp_dir(str(tmp_path / 'exp'), lines.append) as lock:
+        assert not lock.locked
+    assert len(lines) == 1 and 'running unlocked' in lines[0]
+    assert files_in(tmp_path / 'exp') == []
+
+
 def test_lock_is_released_when_the_run_fails(tmp_path):
     exp = tmp_path / 'exp'
     with pytest.raises(ValueError):
@@ -201,7 +212,7 @@ def _stale_setup(folder):
         f'.net-epoch-4.mat~{pid}@other-host~0123456789ab.pydagnn-tmp',         # another machine
         f'.net-epoch-4.mat~{pid}@{host}~0123456789ab.pydagnn-tmp.keep',        # a user's file
         f'net-epoch-4.mat~{pid}@{host}~0123456789ab.pydagnn-tmp',              # no leading dot
-        '.net-epoch-4.mat.abc123.tmp',                                          # not ours
+        '.net-epoch-4.mat.abc123_x.tmp',                                        # an old pydagnn's
         'notes.pydagnn-tmp')]
     for p in [dead] + keep:
         with open(p, 'wb') as fh:
@@ -218,6 +229,8 @@ def test_trainer_start_removes_only_our_stale_temp_files(tmp_path):
     assert not os.path.exists(dead)
     assert all(os.path.exists(p) for p in keep)
     assert any('removed 1 stale temporary file' in l and os.path.basename(dead) in l for l in lines)
+    assert any('1 temporary file(s) of an older pydagnn' in l and '.net-epoch-4.mat.abc123_x.tmp' in l
+               for l in lines)
 
 
 def test_writer_temp_names_carry_our_pid(tmp_path):

@@ -20,6 +20,8 @@ import stat
 __all__ = ['TMP_SUFFIX', 'create_tmp', 'parse_tmp_name', 'clean_stale', 'pid_alive', 'host_name']
 
 TMP_SUFFIX = '.pydagnn-tmp'
+#: what tempfile.mkstemp beside a .mat gave before pydagnn named its temp files (no pid)
+_LEGACY_RE = re.compile(r'^\..+\.mat\.[a-z0-9_]{8}\.tmp$')
 _NAME_RE = re.compile(r'^\.(?P<base>.+)~(?P<pid>\d{1,10})@(?P<host>[A-Za-z0-9_.-]{1,64})'
                       r'~(?P<rand>[0-9a-f]{12})' + re.escape(TMP_SUFFIX) + r'$')
 
@@ -91,6 +93,11 @@ def clean_stale(folder, log=None):
                 log(f'{path}: could not remove this stale temporary file ({e.strerror or e})')
             continue
         removed.append((path, st.st_size))
+    legacy = [n for n in names if _LEGACY_RE.match(n)]
+    if legacy and log is not None:   # whose they are is unknown: only said, never removed
+        log(f'{folder}: {len(legacy)} temporary file(s) of an older pydagnn (writer unknown, not '
+            f'removed; delete them if no writer is running): ' + ', '.join(sorted(legacy)[:5])
+            + (' ...' if len(legacy) > 5 else ''))
     if removed and log is not None:
         total = sum(s for _, s in removed) / 1e6
         log(f'{folder}: removed {len(removed)} stale temporary file(s) of killed writers '
