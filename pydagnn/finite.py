@@ -5,13 +5,15 @@ gating's top-k (``H >= q_k``, False for NaN) then selects no component module, s
 ``Fusion_out`` is all zeros, every prediction 0 and the objective finite, while the
 derivatives are NaN. So each step checks the objective *and* every param derivative:
 
-    flag = step_flag(net, der_outputs)     # device scalar: count of non-finite values
-    undo = Snapshot(net, state)            # references only (the SGD update is out of place)
-    accumulate_gradients(...)              # queued behind the check, no stall
-    raise_if_nonfinite(flag, undo, net, ...)   # one host read; on failure undo and diagnose
+    check = StepCheck(net, der_outputs, epoch, batch)
+    net.eval(inputs, der_outputs); check.after_eval(indexes, inputs)   # per sub-batch
+    check.before_update(state)   # the param derivatives; a snapshot by reference
+    accumulate_gradients(...)    # queued behind the check, no stall
+    check.done()                 # one host read; on failure undo the update and diagnose
 
-:func:`step_flag` reduces each array on its device into one slot of a small vector
-(one reduction kernel per array, then one sum): the host reads one number per step.
+:func:`count_nonfinite` reduces each array on its device into one slot of a small
+vector (one reduction kernel per array, then one sum), the counts are added on the
+device, and the host reads one number per step.
 Only when it is not zero is the cause searched for: the step's sub-batches are evaluated
 again with every value kept, and :class:`NonFiniteError` names the epoch, the batch, the
 non-finite input var (with its images) and the first layer (in execution order) whose
@@ -23,8 +25,8 @@ import numpy as np
 from . import backend
 from .executor import first
 
-__all__ = ['NonFiniteError', 'keep_objectives', 'step_flag', 'Snapshot', 'raise_if_nonfinite',
-           'diagnose']
+__all__ = ['NonFiniteError', 'keep_objectives', 'count_nonfinite', 'step_flag', 'Snapshot',
+           'StepCheck', 'diagnose']
 
 
 class NonFiniteError(RuntimeError):
@@ -79,11 +81,13 @@ def count_nonfinite(arrays):
     return slots.sum()
 
 
-def step_flag(net, der_outputs):
+def step_flag(net, der_outputs, params=True):
     """The non-finite count over the values of the ``der_outputs`` vars (the objective)
-    and every param derivative of the last eval (see :func:`count_nonfinite`)."""
+    and, with ``params``, every param derivative of the last eval (see
+    :func:`count_nonfinite`)."""
     values = [net.get_var(name).value for name in der_outputs or {}]
-    values += [p.der for p in net.params]
+    if params:
+        values += [p.der for p in net.params]
     return count_nonfinite(values)
 
 
@@ -102,19 +106,49 @@ class Snapshot:
         self.state['momentum'] = dict(self.moms)
 
 
-def raise_if_nonfinite(flag, snapshot, net, *, epoch, batch, sub_batches, der_outputs):
-    """Read ``flag`` (one host read); when it is not 0, undo the update (``snapshot``),
-    find the cause (:func:`diagnose` over ``sub_batches``: ``[(imdb indexes, inputs)]``)
-    and raise :class:`NonFiniteError`."""
-    count = int(backend.to_host(flag)) if backend.is_gpu_array(flag) else int(flag)
-    if count == 0:
-        return
-    snapshot.restore()
-    where, info = diagnose(net, sub_batches, der_outputs)
-    raise NonFiniteError(f'cnn_train_dag: epoch {epoch}, batch {batch}: the step is not finite '
-                         f'({count} NaN/Inf values in the objective and the param derivatives); '
-                         f'{where}. The update was not applied and no checkpoint of this net written',
-                         epoch=epoch, batch=batch, **info)
+class StepCheck:
+    """The finite check of one training step (a batch of one or more sub-batches)::
+
+        check = StepCheck(net, der_outputs, epoch, batch)
+        for each sub-batch: net.eval(inputs, der_outputs); check.after_eval(indexes, inputs)
+        check.before_update(state)       # counts the summed param derivatives, snapshot
+        accumulate_gradients(...)
+        check.done()                     # one host read; NonFiniteError (update undone)
+
+    Nothing is read from the device before :meth:`done`: the counts are device scalars
+    (the objective of each sub-batch, the param derivatives once, as they are summed over
+    the sub-batches), added on the device."""
+
+    def __init__(self, net, der_outputs, epoch, batch):
+        self.net, self.der_outputs = net, der_outputs
+        self.epoch, self.batch = epoch, batch
+        self.sub_batches = []   # (imdb indexes, inputs): what a failure is diagnosed on
+        self.count = 0
+        self.snapshot = None
+
+    def after_eval(self, indexes, inputs):
+        """Count the non-finite objective values of the sub-batch just evaluated."""
+        self.sub_batches.append((indexes, inputs))
+        self.count = self.count + step_flag(self.net, self.der_outputs, params=False)
+
+    def before_update(self, state):
+        """Count the non-finite param derivatives; remember the params to undo the update."""
+        self.count = self.count + step_flag(self.net, (), params=True)
+        self.snapshot = Snapshot(self.net, state)
+
+    def done(self):
+        """Read the count (one host read); when not 0 undo the update, find the cause
+        (:func:`diagnose`) and raise :class:`NonFiniteError`."""
+        count = int(backend.to_host(self.count)) if backend.is_gpu_array(self.count) else int(self.count)
+        if count == 0:
+            return
+        if self.snapshot is not None:
+            self.snapshot.restore()
+        where, info = diagnose(self.net, self.sub_batches, self.der_outputs)
+        raise NonFiniteError(f'cnn_train_dag: epoch {self.epoch}, batch {self.batch}: the step is not '
+                             f'finite ({count} NaN/Inf values in the objective and the param '
+                             f'derivatives); {where}. The update was not applied and no checkpoint '
+                             'of this net written', epoch=self.epoch, batch=self.batch, **info)
 
 
 def _bad(v):

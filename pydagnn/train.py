@@ -377,17 +377,17 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
         for b, subs in enumerate(batches):
             t = b * bs
             this_bs = min(bs, n - t)
-            step = []   # (imdb indexes, inputs) per sub-batch: what a non-finite step is diagnosed on
+            check = finite.StepCheck(net, opts['der_outputs'], epoch, b + 1)   # nothing read until done()
             for s, (idx, _, _) in enumerate(subs):
                 num += idx.size
                 if idx.size == 0:
                     continue
                 inputs = next(loader)
-                step.append((idx, inputs))
                 if mode == 'train':
                     net.mode = 'normal'
                     net.accumulate_param_ders = s != 0
                     net.eval(inputs, opts['der_outputs'])
+                    check.after_eval(idx, inputs)
                 else:
                     net.mode = 'test'
                     net.accumulate_param_ders = False
@@ -395,12 +395,10 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
                 _collect_block_stats(net, block_stats)
             net.accumulate_param_ders = False
             if mode == 'train':
-                flag = finite.step_flag(net, opts['der_outputs'])   # queued on the device, read below
-                undo = finite.Snapshot(net, state)
+                check.before_update(state)
                 accumulate_gradients(net, state, learning_rate=lr, batch_size=this_bs, momentum=opts['momentum'],
                                      weight_decay=opts['weight_decay'], nesterov=opts['nesterov'])
-                finite.raise_if_nonfinite(flag, undo, net, epoch=epoch, batch=b + 1, sub_batches=step,
-                                          der_outputs=opts['der_outputs'])
+                check.done()   # a non-finite step: the update undone, NonFiniteError naming the layer
             now = time.perf_counter() - start + adjust_time
             batch_time = now - stats['time']
             stats['num'] = num

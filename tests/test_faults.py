@@ -445,3 +445,23 @@ def test_nonfinite_step_on_gpu(tmp_path):
                       learning_rate=0.01, gpus=[0], prefetch=False, plot_statistics=False, log=quiet([]))
     assert (ei.value.epoch, ei.value.batch, ei.value.layer) == (1, 2, 'conv1_conv')
     assert all(np.isfinite(backend.to_host(p.value)).all() for p in net.params)
+
+
+@pytest.mark.filterwarnings('ignore:invalid value:RuntimeWarning')
+def test_nan_in_the_first_of_two_sub_batches_is_found(tmp_path):
+    """The derivatives are summed over sub-batches: a NaN in the first one is caught at the
+    step's end and the diagnosis evaluates each sub-batch to find it."""
+    calls = []
+
+    def get_batch(imdb_, idx, mode, rng):
+        b = pdata.get_batch(imdb_, idx, mode=mode, rng=rng)
+        calls.append(list(idx))
+        if len(calls) == 1:
+            b['input'][0, 0, 0, 0] = np.inf
+        return b
+    with pytest.raises(NonFiniteError) as ei:
+        cnn_train_dag(tiny_net(), tiny_imdb(8, 0), get_batch, exp_dir=str(tmp_path / 'exp'), batch_size=4,
+                      num_sub_batches=2, num_epochs=1, learning_rate=0.01, prefetch=False,
+                      plot_statistics=False, log=quiet([]))
+    assert (ei.value.epoch, ei.value.batch, ei.value.layer) == (1, 1, 'conv1')
+    assert f'(imdb image(s) {calls[0][0] + 1}, 1-based)' in str(ei.value)
