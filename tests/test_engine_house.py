@@ -131,7 +131,7 @@ def _block_attributes(path):
     return names
 
 
-@pytest.mark.parametrize('module', ['dagnn.py', 'executor.py', 'train.py'])
+@pytest.mark.parametrize('module', ['dagnn.py', 'executor.py', 'train.py', 'finite.py'])
 def test_engine_reads_only_declared_block_attributes(module):
     path = os.path.join(PKG, module)
     undeclared = sorted(n for n in _block_attributes(path) if not hasattr(Layer, n)
@@ -157,7 +157,7 @@ def _code_strings(path):
 
 
 @pytest.mark.parametrize('module', ['train.py', os.path.join('io', 'matconvnet.py'), 'dagnn.py', 'executor.py',
-                                    'routing.py'])
+                                    'routing.py', 'finite.py'])
 def test_no_gm_layer_names_outside_models(module):
     """GM knowledge is reached through the declared hooks (trainer_reads, train_stats,
     net_finalizer), not by layer or var names."""
