@@ -16,22 +16,23 @@ Checkpoints ``net-epoch-N.mat``, ``net-train.pdf``/``.png`` go to ``--exp-dir``
 (default ``data/<model folder name>``, as the original's ``expDir/net.meta.opt``); running
 the same command again resumes after the last complete checkpoint (``--no-continue``
 starts over). Evaluate a checkpoint with ``python -m pydagnn.evaluate``.
+
+A mistake in the flags or the data (a missing file, labels above ``--num-classes``, images
+the model cannot take, no training images, ``--gpus`` without a usable GPU) ends with one
+``error: ...`` line and exit status 2, before the net is built (``--debug`` shows the
+traceback); a run that stops before its first checkpoint leaves no experiment folder
+behind. Ctrl-C says which checkpoint the same command resumes from.
 """
 import argparse
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 
-from pydagnn.data import get_batch
-from pydagnn.finite import NonFiniteError
-from pydagnn.io.checkpoint import CheckpointWriteError
-from pydagnn.io.imdb import load_imdb, synth_imdb
-from pydagnn.io.tmpfiles import clean_stale
-from pydagnn.models import MODEL_TYPES, build
-from pydagnn.runlock import ExpDirError, RunLockError
-from pydagnn.train import cnn_train_dag, train_opts_kwargs
+from pydagnn.cli import Interrupted, UsageError, add_debug_flag, check_gpus, run_main
+from pydagnn.models import MODEL_TYPES
 
 #: the generated imdb and the reduced model used when no --imdb is given
 DEMO_IMDB = dict(num_train=3000, num_val=600, num_classes=20, size=32, noise=48.0, seed=0)
@@ -45,6 +46,7 @@ def cache_dir():
 
 def demo_imdb_path(num_train=None, num_val=None):
     """Generate (once) the small learnable imdb of the demo; returns its path."""
+    from pydagnn.io.imdb import synth_imdb
     d = dict(DEMO_IMDB)
     if num_train is not None:
         d.update(num_train=int(num_train), num_val=int(num_val))
@@ -52,7 +54,6 @@ def demo_imdb_path(num_train=None, num_val=None):
                                      f"s{d['size']}-n{d['noise']:g}-seed{d['seed']}.mat")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        clean_stale(os.path.dirname(path), log=print)   # what a killed generation left
         t0 = time.perf_counter()
         synth_imdb(path, **d)
         print(f'cnn_imagenet64: generated {path} ({time.perf_counter() - t0:.1f} s)', flush=True)
@@ -60,7 +61,7 @@ def demo_imdb_path(num_train=None, num_val=None):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog='examples/cnn_imagenet64.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--model-type', default='ResNet18-GM-SOP', choices=MODEL_TYPES,
                    help='default ResNet18-GM-SOP')
     p.add_argument('--imdb', help='imdb.mat (MATLAB v7 or v7.3); default: a generated demo imdb and a '
@@ -85,34 +86,58 @@ def parse_args(argv=None):
                         f"{DEMO_IMDB['num_train']} {DEMO_IMDB['num_val']})")
     p.add_argument('--no-prefetch', action='store_true', help='read batches in the training thread')
     p.add_argument('--no-plot', action='store_true', help='do not draw net-train.pdf/.png')
+    add_debug_flag(p)
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.perf_counter()
-    demo = args.imdb is None
-    if args.demo_size and not demo:
-        raise SystemExit('cnn_imagenet64: --demo-size applies only without --imdb')
-    imdb_path = demo_imdb_path(*(args.demo_size or ())) if demo else args.imdb
-    imdb = load_imdb(imdb_path)
-    data = imdb.images.data
-    image_size = int(data.shape[0])
+def check_args(args):
+    """The flag checks that need no file: each failure names its flag and value."""
+    if args.demo_size and args.imdb is not None:
+        raise UsageError('--demo-size applies only without --imdb (it sizes the generated imdb)')
+    at_least = [('--batch-size', args.batch_size, 1), ('--epochs', args.epochs, 1),
+                ('--num-sub-batches', args.num_sub_batches, 1), ('--num-classes', args.num_classes, 1),
+                ('--section-len', args.section_len, 1), ('--topk', args.topk, 1),
+                ('--cm-num', args.cm_num, 1)]
+    at_least += [('--demo-size', v, 1) for v in (args.demo_size or ())]
+    for flag, value, low in at_least:
+        if value is not None and value < low:
+            raise UsageError(f'{flag} {value}: must be at least {low}')
+    if args.lr is not None and any(not v > 0 for v in args.lr):
+        raise UsageError(f"--lr {' '.join(f'{v:g}' for v in args.lr)}: learning rates must be positive")
+    if args.topk is not None and args.cm_num is not None and args.topk > args.cm_num:
+        raise UsageError(f'--topk {args.topk}: must not exceed --cm-num {args.cm_num}')
+    if args.batch_size is not None and args.num_sub_batches > args.batch_size:
+        raise UsageError(f'--num-sub-batches {args.num_sub_batches}: more than --batch-size '
+                         f'{args.batch_size}')
+    if args.imdb is not None and not os.path.isfile(args.imdb):
+        raise UsageError(f'--imdb {args.imdb}: no such file')
+    check_gpus(args.gpus)
+
+
+def check_imdb(imdb, path, num_classes):
+    """What the imdb must hold for this training, checked before the net is built: square
+    colour images whose side is a multiple of 8, training images (``images.set == 1``),
+    whole labels in 0..num_classes (0 = ignored). Returns ``(image_size, sets)``."""
+    shape = tuple(int(v) for v in imdb.images.data.shape)
+    if len(shape) != 4 or shape[0] != shape[1] or shape[2] != 3 or shape[0] % 8:
+        raise UsageError(f'{path}: images.data is {"x".join(map(str, shape))}; the models take '
+                         'S x S x 3 x N images with S a multiple of 8 (e.g. 64x64x3)')
+    sets = np.asarray(imdb.images.set).reshape(-1)
+    if not (sets == 1).any():
+        raise UsageError(f'{path}: no training images (images.set has no 1; found sets '
+                         f'{sorted(set(int(v) for v in np.unique(sets)))})')
     labels = np.asarray(imdb.images.labels).reshape(-1)
-    num_classes = args.num_classes or (int(labels.max()) if labels.size else 1000)
+    used = labels[(sets == 1) | (sets == 2)]
+    if used.size and (used.min() < 0 or np.any(used != np.round(used))):
+        raise UsageError(f'{path}: images.labels must be whole numbers 1..C (0 = ignored)')
+    if used.size and used.max() > num_classes:
+        raise UsageError(f'{path}: labels go up to {int(used.max())}, above --num-classes {num_classes}')
+    return shape[0], sets
 
-    gm = 'GM' in args.model_type
-    model = dict(DEMO_MODEL) if demo else {}
-    if not gm:
-        model = {k: v for k, v in model.items() if k == 'section_len'}
-    for key, val in (('section_len', args.section_len), ('topk', args.topk), ('cm_num', args.cm_num)):
-        if val is not None:
-            model[key] = val
-    if gm:
-        model['loss_w'] = args.loss_w
-    net = build(args.model_type, num_classes=num_classes, average_image=imdb.meta.rgbMean,
-                image_size=image_size, seed=args.seed, **model)
 
+def train_opts(net, args, demo):
+    """The trainer's options: the model's ``meta.trainOpts``, the demo's, then the flags."""
+    from pydagnn.train import train_opts_kwargs
     opts = train_opts_kwargs(net.meta['trainOpts'])
     if demo:
         opts.update(num_epochs=DEMO_TRAIN['epochs'], batch_size=DEMO_TRAIN['batch_size'],
@@ -126,42 +151,107 @@ def main(argv=None):
     if args.batch_size is not None:
         opts['batch_size'] = args.batch_size
     opts['num_sub_batches'] = args.num_sub_batches
-    exp_dir = args.exp_dir or os.path.join('data', ('demo-' if demo else '') + net.meta['opt'])
+    if opts['num_sub_batches'] > opts['batch_size']:
+        raise UsageError(f"--num-sub-batches {args.num_sub_batches}: more than the batch size "
+                         f"{opts['batch_size']}")
+    return opts
 
-    sets = np.asarray(imdb.images.set).reshape(-1)
-    print(f'cnn_imagenet64: {args.model_type} ({net.num_params() / 1e6:.2f}M params, {num_classes} classes) on '
-          f'{imdb_path}: {int((sets == 1).sum())} train / {int((sets == 2).sum())} val images of '
-          f'{image_size}x{image_size}; {opts["num_epochs"]} epochs, batch {opts["batch_size"]}, '
-          f'lr {opts["learning_rate"]}; exp dir {exp_dir}', flush=True)
-    net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir=exp_dir, gpus=args.gpus,
-                               continue_=not args.no_continue, random_seed=args.seed,
-                               prefetch=not args.no_prefetch, plot_statistics=not args.no_plot, **opts)
+
+def build_net(args, demo, num_classes, image_size, rgb_mean):
+    """The model of ``--model-type`` with the demo's reductions and the flags' sizes."""
+    from pydagnn.models import build
+    gm = 'GM' in args.model_type
+    model = dict(DEMO_MODEL) if demo else {}
+    if not gm:
+        model = {k: v for k, v in model.items() if k == 'section_len'}
+    for key, val in (('section_len', args.section_len), ('topk', args.topk), ('cm_num', args.cm_num)):
+        if val is not None:
+            model[key] = val
+    if gm:
+        model['loss_w'] = args.loss_w
+        if model.get('topk', 8) > model.get('cm_num', 16):
+            raise UsageError(f"--topk {model.get('topk', 8)}: must not exceed --cm-num "
+                             f"{model.get('cm_num', 16)}")
+    return build(args.model_type, num_classes=num_classes, average_image=rgb_mean,
+                 image_size=image_size, seed=args.seed, **model)
+
+
+def resume_note(exp_dir):
+    """Where the same command resumes from, for the Ctrl-C line."""
+    from pydagnn.train import find_last_checkpoint
+    last = find_last_checkpoint(exp_dir) if os.path.isdir(exp_dir) else 0
+    if last:
+        return (f'the same command resumes after epoch {last} '
+                f'({os.path.join(exp_dir, f"net-epoch-{last}.mat")})')
+    return f'no checkpoint in {exp_dir} yet: the same command starts from epoch 1'
+
+
+def _missing_top(path):
+    """The topmost folder of ``path`` that does not exist yet (None when it exists)."""
+    path = os.path.abspath(path)
+    top = None
+    while not os.path.exists(path):
+        top, path = path, os.path.dirname(path)
+    return top
+
+
+def _remove_if_unused(top, exp_dir):
+    """After a failed run: remove the folders this run created when no checkpoint is in them."""
+    from pydagnn.train import find_last_checkpoint
+    if top is not None and os.path.isdir(top) and not (
+            os.path.isdir(exp_dir) and find_last_checkpoint(exp_dir)):
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def print_results(stats, num_classes, seconds):
     print('cnn_imagenet64: error curve (top-1 error; objective per image)')
     print('  epoch  train_top1  val_top1  train_obj  val_obj  train_s')
     for e, (tr, va) in enumerate(zip(stats['train'], stats['val']), start=1):
         print(f"  {e:5d}  {tr.get('top1error', float('nan')):10.3f}  {va.get('top1error', float('nan')):8.3f}"
               f"  {tr.get('objective', float('nan')):9.3f}  {va.get('objective', float('nan')):7.3f}"
               f"  {tr.get('time', float('nan')):7.1f}")
-    print(f'cnn_imagenet64: chance top-1 error {1 - 1 / num_classes:.3f}; done in '
-          f'{time.perf_counter() - t_start:.1f} s', flush=True)
-    imdb.close()
+    print(f'cnn_imagenet64: chance top-1 error {1 - 1 / num_classes:.3f}; done in {seconds:.1f} s',
+          flush=True)
+
+
+def main(argv=None):
+    """Train as the module docstring says; returns ``(net, stats)``. Raises
+    :class:`~pydagnn.cli.UsageError` for a mistake in the flags or the imdb."""
+    args = parse_args(argv)
+    check_args(args)
+    from pydagnn.data import get_batch
+    from pydagnn.io.imdb import load_imdb
+    from pydagnn.train import cnn_train_dag, format_schedule
+    t_start = time.perf_counter()
+    demo = args.imdb is None
+    imdb_path = demo_imdb_path(*(args.demo_size or ())) if demo else args.imdb
+    with load_imdb(imdb_path) as imdb:
+        labels = np.asarray(imdb.images.labels).reshape(-1)
+        num_classes = args.num_classes or (int(labels.max()) if labels.size else 1000)
+        image_size, sets = check_imdb(imdb, imdb_path, num_classes)
+        net = build_net(args, demo, num_classes, image_size, imdb.meta.rgbMean)
+        opts = train_opts(net, args, demo)
+        exp_dir = args.exp_dir or os.path.join('data', ('demo-' if demo else '') + net.meta['opt'])
+        print(f'cnn_imagenet64: {args.model_type} ({net.num_params() / 1e6:.2f}M params, {num_classes} '
+              f'classes) on {imdb_path}: {int((sets == 1).sum())} train / {int((sets == 2).sum())} val '
+              f'images of {image_size}x{image_size}; {opts["num_epochs"]} epochs, batch '
+              f'{opts["batch_size"]}, lr {format_schedule(opts["learning_rate"], opts["num_epochs"])}; '
+              f'exp dir {exp_dir}', flush=True)
+        created = _missing_top(exp_dir)
+        try:
+            net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir=exp_dir, gpus=args.gpus,
+                                       continue_=not args.no_continue, random_seed=args.seed,
+                                       prefetch=not args.no_prefetch,
+                                       plot_statistics=not args.no_plot, **opts)
+        except KeyboardInterrupt:
+            _remove_if_unused(created, exp_dir)
+            raise Interrupted(resume_note(exp_dir)) from None
+        except BaseException:
+            _remove_if_unused(created, exp_dir)
+            raise
+    print_results(stats, num_classes, time.perf_counter() - t_start)
     return net, stats
 
 
-#: failures of a run that are reported as one ``error:`` line (exit status 1)
-RUN_ERRORS = (NonFiniteError, RunLockError, ExpDirError, CheckpointWriteError)
-
-
-def cli(argv=None):
-    """:func:`main` as a command: 0 when done, 1 with one ``error: ...`` line on stderr
-    when the run fails in a way the user must act on (:data:`RUN_ERRORS`)."""
-    try:
-        main(argv)
-    except RUN_ERRORS as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
 if __name__ == '__main__':
-    sys.exit(cli())
+    sys.exit(run_main(main))

@@ -11,15 +11,18 @@ depend on which loss layers the net has.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 import numpy as np
 
 from . import backend
+from .cli import add_debug_flag, check_gpus, run_main
 from .data import get_batch, make_loader
+from .progress import format_duration
 
-__all__ = ['evaluate', 'topk_errors', 'main']
+__all__ = ['evaluate', 'topk_errors', 'check_fit', 'main']
 
 _SETS = {'train': 1, 'val': 2, 'test': 3}
 
@@ -68,6 +71,9 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
         idx = np.asarray(subset, dtype=np.int64).reshape(-1)
     if idx.size == 0:
         raise ValueError(f'evaluate: the imdb has no images in set {subset!r}')
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f'evaluate: batch_size must be at least 1, got {batch_size}')
     score = _score_var(net)
     net.get_var(score).precious = True
     net.mode = 'test'
@@ -96,8 +102,9 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
             n += batch['label'].size
             dt = time.perf_counter() - t0
             if log is not None:
+                eta = (idx.size - n) / (n / dt) if dt > 0 else None
                 log(f'evaluate: {k + 1:4d}/{len(jobs):4d}: {n / dt:.1f} Hz top1error: {err1 / n:.4f} '
-                    f'top5error: {err5 / n:.4f}')
+                    f'top5error: {err5 / n:.4f} ETA {format_duration(eta)}')
     finally:
         loader.close()
     dt = time.perf_counter() - t0
@@ -106,21 +113,66 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
             'data_wait_s': loader.wait_time}
 
 
-def main(argv=None):
+def _parser():
     p = argparse.ArgumentParser(prog='python -m pydagnn.evaluate', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help='a MatConvNet model or checkpoint (net-epoch-N.mat)')
     p.add_argument('--imdb', required=True, help='imdb.mat (v7 or v7.3)')
-    p.add_argument('--set', default='val', choices=sorted(_SETS))
-    p.add_argument('--gpus', type=int, nargs='*', default=[])
-    p.add_argument('--batch-size', type=int, default=256)
-    p.add_argument('--no-prefetch', action='store_true')
+    p.add_argument('--set', default='val', choices=sorted(_SETS),
+                   help='which images (images.set: train 1, val 2, test 3; default val)')
+    p.add_argument('--gpus', type=int, nargs='*', default=[], help='e.g. --gpus 0 (one GPU)')
+    p.add_argument('--batch-size', type=int, default=256, help='images per forward pass (default 256)')
+    p.add_argument('--no-prefetch', action='store_true', help='read batches in the main thread')
     p.add_argument('--quiet', action='store_true', help='no per-batch lines')
     p.add_argument('--json', action='store_true', help='print the result as one JSON line')
-    args = p.parse_args(argv)
+    add_debug_flag(p)
+    return p
+
+
+def check_fit(net, imdb, subset, model='model', imdb_path='imdb'):
+    """Raise :class:`~pydagnn.cli.UsageError` when ``imdb``'s images or labels cannot go
+    through ``net``: image size and channels against the net's input (shapes only, from
+    the blocks' ``get_output_sizes``), labels against the classes of the score var."""
+    from .cli import UsageError
+    data_shape = tuple(int(v) for v in imdb.images.data.shape)
+    if len(data_shape) != 4:
+        raise UsageError(f'{imdb_path}: images.data is {data_shape}, expected H x W x C x N')
+    inputs = net.input_sizes(1)
+    name = 'input' if 'input' in inputs else next(iter(inputs))
+    inputs[name] = data_shape[:3] + (1,)
+    try:
+        sizes = net.get_var_sizes(inputs)
+    except (ValueError, KeyError) as e:
+        want = net.input_sizes(1)[name][:3]
+        raise UsageError(f'{imdb_path}: images of {"x".join(map(str, data_shape[:3]))} do not fit '
+                         f'{model} (its meta says {"x".join(map(str, want))}): {e}') from None
+    score = sizes.get(_score_var(net))
+    if score is not None and all(v is not None for v in score[:3]):
+        classes = int(np.prod(score[:3]))
+        labels = np.asarray(imdb.images.labels).reshape(-1)
+        sets = np.asarray(imdb.images.set).reshape(-1)
+        picked = labels[sets == _SETS[subset]] if isinstance(subset, str) else labels
+        if picked.size and picked.max() > classes:
+            raise UsageError(f'{imdb_path}: labels go up to {int(picked.max())} but {model} '
+                             f'scores {classes} classes')
+
+
+def main(argv=None):
+    """The command (run through :func:`pydagnn.cli.run_main` as ``python -m
+    pydagnn.evaluate``); returns the result dict of :func:`evaluate`."""
+    from .cli import UsageError
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise UsageError(f'--batch-size {args.batch_size}: must be at least 1')
+    for flag, path in (('--model', args.model), ('--imdb', args.imdb)):
+        if not os.path.isfile(path):
+            raise UsageError(f'{flag} {path}: no such file')
+    if args.gpus:
+        check_gpus(args.gpus)
     from .io.imdb import load_imdb
     from .io.matconvnet import load_matconvnet
     net = load_matconvnet(args.model)
     with load_imdb(args.imdb) as imdb:
+        check_fit(net, imdb, args.set, model=args.model, imdb_path=args.imdb)
         res = evaluate(net, imdb, args.set, batch_size=args.batch_size, gpus=args.gpus,
                        prefetch=not args.no_prefetch, log=None if args.quiet else print)
     if args.json:
@@ -132,5 +184,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
-    sys.exit(0)
+    sys.exit(run_main(main))

@@ -10,15 +10,12 @@ Run as ``python -m pydagnn.imdb`` (that module is only the entry point); the lib
     python -m pydagnn.imdb info imdb.mat
 """
 import argparse
-import errno
 import json
 import os
 import sys
 import time
 
-from .io.errors import MatFileError
-from .io.imdb import convert_imagenet64, imdb_info, repack_imdb, synth_imdb
-from .io.tmpfiles import clean_stale
+from .cli import UsageError, add_debug_flag, run_main
 
 
 def _parser():
@@ -33,53 +30,92 @@ def _parser():
     c.add_argument('--layout', choices=('contiguous', 'chunked'), default='contiguous',
                    help='storage of images.data (default: contiguous, fastest random reads)')
     c.add_argument('--chunk', type=int, default=4096, help='images per write (memory bound)')
+    c.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
 
     s = sub.add_parser('synth', help='a small learnable synthetic imdb')
-    s.add_argument('--out', required=True)
-    s.add_argument('--num-train', type=int, default=1000)
-    s.add_argument('--num-val', type=int, default=200)
-    s.add_argument('--num-classes', type=int, default=10)
-    s.add_argument('--size', type=int, default=64)
-    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--out', required=True, help='the imdb.mat to write')
+    s.add_argument('--num-train', type=int, default=1000, help='training images (set 1; default 1000)')
+    s.add_argument('--num-val', type=int, default=200, help='validation images (set 2; default 200)')
+    s.add_argument('--num-classes', type=int, default=10, help='classes, labels 1..C (default 10)')
+    s.add_argument('--size', type=int, default=64, help='image height = width (default 64)')
+    s.add_argument('--seed', type=int, default=0, help='random seed (default 0)')
     s.add_argument('--noise', type=float, default=24.0,
                    help='std of the added Gaussian noise (0..255 units)')
-    s.add_argument('--version', choices=('7.3', '7'), default='7.3')
-    s.add_argument('--layout', choices=('contiguous', 'chunked'), default='contiguous')
+    s.add_argument('--version', choices=('7.3', '7'), default='7.3',
+                   help='MATLAB file version (default 7.3)')
+    s.add_argument('--layout', choices=('contiguous', 'chunked'), default='contiguous',
+                   help='storage of images.data in a v7.3 file (default contiguous)')
 
     i = sub.add_parser('info', help='summarise an imdb.mat (JSON)')
-    i.add_argument('path')
+    i.add_argument('path', help='the imdb.mat')
+    for sp in (c, s, i):
+        add_debug_flag(sp)
     return p
 
 
+def _check(args):
+    """The checks that need no file read: paths and counts, named by their flag."""
+    if args.cmd == 'convert':
+        if not os.path.exists(args.src):
+            raise UsageError(f'--src {args.src}: the folder does not exist')
+        if args.chunk < 1:
+            raise UsageError(f'--chunk {args.chunk}: must be at least 1')
+    if args.cmd == 'synth':
+        for flag, value, low in (('--num-train', args.num_train, 0), ('--num-val', args.num_val, 0),
+                                 ('--num-classes', args.num_classes, 1), ('--size', args.size, 1)):
+            if value < low:
+                raise UsageError(f'{flag} {value}: must be at least {low}')
+    out = getattr(args, 'out', None)
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UsageError(f'--out {out}: the folder {os.path.dirname(os.path.abspath(out))} '
+                         'does not exist')
+
+
+def _progress_callback(quiet):
+    """A ``progress(done, total)`` for the converters printing a rate and an ETA."""
+    if quiet:
+        return None
+    from .progress import Progress
+    bar = []
+
+    def progress(done, total):
+        if not bar:
+            bar.append(Progress('convert', total=total, unit='images'))
+        bar[0].update(done - bar[0].count)
+        if done >= total:
+            bar[0].done()
+    return progress
+
+
 def main(argv=None):
+    """The command: returns its exit status (0; 2 after a user's mistake, with one
+    ``error:`` line on stderr; see :mod:`pydagnn.cli`)."""
+    return run_main(run, argv)
+
+
+def run(argv=None):
+    """Run one subcommand; prints its JSON summary on stdout, returns 0. Raises on errors."""
     args = _parser().parse_args(argv)
+    _check(args)
+    from .io.imdb import convert_imagenet64, imdb_info, repack_imdb, synth_imdb
     t0 = time.perf_counter()
-    if args.cmd in ('convert', 'synth'):   # what killed writers left beside the output
-        clean_stale(os.path.dirname(os.path.abspath(args.out)),
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-    try:
-        if args.cmd == 'convert':
-            if os.path.isfile(args.src):
-                repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk)
-            else:
-                convert_imagenet64(args.src, args.out, layout=args.layout, chunk=args.chunk,
-                                   log=lambda m: print(m, file=sys.stderr, flush=True))
-            print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
-        elif args.cmd == 'synth':
-            synth_imdb(args.out, num_train=args.num_train, num_val=args.num_val,
-                       num_classes=args.num_classes, size=args.size, seed=args.seed,
-                       noise=args.noise, version=args.version, layout=args.layout)
-            print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
+    if args.cmd == 'convert':
+        progress = _progress_callback(args.quiet)
+        if os.path.isfile(args.src):
+            repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk,
+                        progress=progress)
         else:
-            print(json.dumps(imdb_info(args.path)))
-    except (MatFileError, FileNotFoundError, ValueError, TypeError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    except OSError as e:   # e.g. ENOSPC: the output is not published, its temp file removed
-        target = args.out if args.cmd != 'info' else args.path
-        print(f'error: {target}: {e.strerror or e}' + (f' ({errno.errorcode[e.errno]})' if e.errno in
-              errno.errorcode else '') + '; nothing was written', file=sys.stderr)
-        return 1
+            log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+            convert_imagenet64(args.src, args.out, layout=args.layout, chunk=args.chunk,
+                               log=log, progress=progress)
+        print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
+    elif args.cmd == 'synth':
+        synth_imdb(args.out, num_train=args.num_train, num_val=args.num_val,
+                   num_classes=args.num_classes, size=args.size, seed=args.seed,
+                   noise=args.noise, version=args.version, layout=args.layout)
+        print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
+    else:
+        print(json.dumps(imdb_info(args.path)))
     return 0
 
 

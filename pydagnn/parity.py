@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import scipy.io
 
+from .cli import UsageError, add_debug_flag, run_main
 from .testing import rel_err
 
 #: group -> tolerance (relative error), the parity issue's tiers
@@ -189,18 +190,42 @@ def print_table(title, rows, show_all=False, sort_groups=False, file=None):
     return held_all
 
 
+def check_fixtures(folder, need_net=True):
+    """Raise :class:`~pydagnn.cli.UsageError` saying how to point at the fixtures when
+    ``folder`` is not a folder of them."""
+    how = ('the fixtures come with the project\'s shared folder: give --fixtures DIR or set '
+           'PYDAGNN_SHARED=/path/to/shared (holding fixtures/)')
+    if not os.path.isdir(folder):
+        raise UsageError(f'--fixtures {folder}: no such folder; {how}')
+    names = os.listdir(folder)
+    if not any(n.startswith('fx_') and n.endswith('.mat') for n in names):
+        raise UsageError(f'--fixtures {folder}: holds no fx_*.mat fixtures; {how}')
+    if need_net:
+        for n in ('gmsop_resnet18_eval.mat', 'gmsop_resnet18_eval_io.mat'):
+            if n not in names:
+                raise UsageError(f'--fixtures {folder}: no {n} (use --layers-only to compare '
+                                 'the layer fixtures alone)')
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command: prints the tables, returns 0 when every float32 tolerance holds, else
+    1. Raises :class:`~pydagnn.cli.UsageError` when the fixtures are not found."""
+    ap = argparse.ArgumentParser(prog='python -m pydagnn.parity', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     from .testing import shared_dir
-    ap.add_argument('--fixtures', default=os.path.join(shared_dir(), 'fixtures'))
-    ap.add_argument('--dtype', default='both', choices=['float32', 'float64', 'both'])
+    ap.add_argument('--fixtures', default=os.path.join(shared_dir(), 'fixtures'),
+                    help='folder of the original\'s fixtures (default $PYDAGNN_SHARED/fixtures, '
+                         'else ../shared/fixtures beside the checkout)')
+    ap.add_argument('--dtype', default='both', choices=['float32', 'float64', 'both'],
+                    help='precision of the comparison (default both)')
     ap.add_argument('--device', default='cpu', choices=['cpu', 'gpu'],
                     help='where the whole network runs (the layer fixtures run on the CPU)')
     ap.add_argument('--layers-only', action='store_true',
                     help='only the layer fixtures (fx_*.mat), not the whole network')
     ap.add_argument('--all', action='store_true',
                     help='print every row, not only the worst per group')
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
+    check_fixtures(args.fixtures, need_net=not args.layers_only)
     from . import parity_layers
     if not args.layers_only:
         io = scipy.io.loadmat(os.path.join(args.fixtures, 'gmsop_resnet18_eval_io.mat'))
@@ -223,4 +248,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(run_main(main))

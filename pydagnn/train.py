@@ -58,7 +58,7 @@ from .io.checkpoint import (CheckpointError, adopt_order, checkpoint_path, find_
 
 __all__ = ['cnn_train_dag', 'accumulate_gradients', 'find_last_checkpoint', 'load_checkpoint',
            'save_checkpoint', 'checkpoint_path', 'train_opts_kwargs', 'extract_stats',
-           'format_progress', 'CheckpointError', 'use_gpu']
+           'format_progress', 'format_schedule', 'CheckpointError', 'use_gpu']
 
 # ---------------------------------------------------------------------------- update rule
 def accumulate_gradients(net, state, *, learning_rate, batch_size, momentum=0.9, weight_decay=1e-4,
@@ -185,6 +185,22 @@ def _lr_list(learning_rate):
     if not lrs:
         raise ValueError('cnn_train_dag: learning_rate is empty')
     return lrs
+
+
+def format_schedule(learning_rate, num_epochs=None):
+    """The learning-rate schedule as the training header prints it: runs of equal rates,
+    ``'0.1 x 40, 0.01 x 10, 0.001 x 5, 0.0001 x 5'``, for ``num_epochs`` epochs (default
+    the list's length; a shorter list repeats its last rate, as the trainer does)."""
+    lrs = _lr_list(learning_rate)
+    n = len(lrs) if num_epochs is None else int(num_epochs)
+    runs = []
+    for e in range(1, n + 1):
+        lr = lrs[min(e, len(lrs)) - 1]
+        if runs and runs[-1][0] == lr:
+            runs[-1][1] += 1
+        else:
+            runs.append([lr, 1])
+    return ', '.join(f'{lr:g} x {k}' for lr, k in runs) or 'no epochs'
 
 
 def _indices(x, default):

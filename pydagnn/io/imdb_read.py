@@ -417,7 +417,9 @@ def load_imdb(path):
 
 
 def imdb_info(path):
-    """A dict summarising an imdb file (for ``python -m pydagnn.imdb info``)."""
+    """A dict summarising an imdb file (for ``python -m pydagnn.imdb info``). ``num_classes``
+    is the largest label, what ``examples/cnn_imagenet64.py`` gives the net by default;
+    ``distinct_labels`` counts the labels that occur."""
     with load_imdb(path) as imdb:
         im = imdb.images
         sets = {int(s): int(c) for s, c in zip(*np.unique(im.set, return_counts=True))}
@@ -425,7 +427,9 @@ def imdb_info(path):
                 'data': list(im.data.shape), 'storage': im.data.storage,
                 'labels': ([float(im.labels.min()), float(im.labels.max())]
                            if im.labels.size else []),
-                'num_classes': int(len(np.unique(im.labels))), 'set_counts': sets,
+                # as the trainer counts classes (labels are 1-based, a class may be absent)
+                'num_classes': int(im.labels.max()) if im.labels.size else 0,
+                'distinct_labels': int(len(np.unique(im.labels))), 'set_counts': sets,
                 'meta': sorted(imdb.meta.keys())}
         if 'rgbMean' in imdb.meta:
             info['rgbMean'] = [round(float(v), 4) for v in imdb.meta.rgbMean]

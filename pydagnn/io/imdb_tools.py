@@ -132,14 +132,15 @@ def _planes_to_matlab(data, side):
     return data.reshape(data.shape[0], 3, side, side).transpose(2, 3, 1, 0)
 
 
-def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None):
+def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None, progress=None):
     """Convert downsampled-ImageNet batches (``train_data_batch_1..10``, ``val_data``: pickled
     dicts, or ``.npz``) in directory ``src`` into an imdb.mat (v7.3) at ``out``.
 
     Train images get set 1, val images set 2; labels stay 1..1000. ``meta.rgbMean`` (3 x 1)
     and ``meta.rgbCovariance`` (3 x 3) are computed over all train pixels (0..255 units,
     exact streaming sums). One batch file is in memory at a time (files are read twice:
-    once to count, once to write; the last one counted is reused)."""
+    once to count, once to write; the last one counted is reused). ``progress(done,
+    total)``, when given, is called after each chunk with the images written so far."""
     src = os.fspath(src)
     files = _batch_files(src)
     if not files:
@@ -160,6 +161,7 @@ def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None):
     side = math.isqrt(first[0].shape[1] // 3)
     log(f'{len(files)} files, {total} images of {side}x{side}')
     stats = RgbStats(3)
+    done = 0
     with ImdbWriter(out, total, image_size=(side, side), layout=layout) as w:
         for p, setv in files:
             if cached is not None and cached[0] == p:
@@ -177,22 +179,27 @@ def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None):
                 if setv == 1:
                     stats.update(imgs)
                 w.append(imgs, labels[a:a + chunk], setv)
+                done += imgs.shape[3]
+                if progress is not None:
+                    progress(done, total)
             log(f'{os.path.basename(p)}: {data.shape[0]} images (set {setv})')
             del data, labels
         w.meta.update(stats.meta())
     return out
 
 
-def repack_imdb(src, out, layout='contiguous', chunk=4096):
+def repack_imdb(src, out, layout='contiguous', chunk=4096, progress=None):
     """Copy an imdb.mat (e.g. MATLAB's own, gzip-chunked) into the fast v7.3 layout,
-    streaming ``chunk`` images at a time. Other meta fields are kept."""
+    streaming ``chunk`` images at a time. Other meta fields are kept. ``progress(done,
+    total)`` as for :func:`convert_imagenet64`."""
     with load_imdb(src) as imdb:
         images = imdb.images
         extra = {k: v for k, v in imdb.meta.items() if k not in ('rgbMean',)}
         meta = dict(extra)
         if 'rgbMean' in imdb.meta:
             meta['rgbMean'] = np.asarray(imdb.meta.rgbMean).reshape(-1, 1)
-        save_imdb(out, images.data, images.labels, images.set, meta, layout=layout, chunk=chunk)
+        save_imdb(out, images.data, images.labels, images.set, meta, layout=layout, chunk=chunk,
+                  progress=progress)
     return out
 
 

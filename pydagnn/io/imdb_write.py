@@ -164,13 +164,14 @@ def _check_arrays(data, labels, set):  # noqa: A002
 
 
 def save_imdb(path, data, labels, set, meta=None, version='7.3', layout='contiguous',  # noqa: A002
-              compression=None, chunk=4096):
+              compression=None, chunk=4096, progress=None):
     """Write an imdb.mat: ``data`` ``H x W x C x N`` uint8 (an array or a loaded
     :class:`ImageArray`, copied in chunks), ``labels`` and ``set`` with N elements, ``meta``
     a dict (``sets`` defaults to {'train','val','test'}). ``version='7.3'`` writes MATLAB's
     HDF5 layout (see :class:`ImdbWriter` for ``layout``/``compression``); ``version='7'``
     writes a compressed v7 file (variables under 2 GB only). Written to a
-    temporary name and renamed into place."""
+    temporary name and renamed into place. ``progress(done, total)``, when given, is
+    called after each chunk of a v7.3 write with the images written so far."""
     path = os.fspath(path)
     data, labels, sets = _check_arrays(data, labels, set)
     meta = _check_meta(meta)
@@ -186,6 +187,8 @@ def save_imdb(path, data, labels, set, meta=None, version='7.3', layout='contigu
                 else:
                     block = data[:, :, :, a:b]
                 wr.append(block, labels[a:b], sets[a:b])
+                if progress is not None:
+                    progress(b, n)
         return path
     if version not in ('7', '-v7', '5'):
         raise ValueError(f"save_imdb: version must be '7.3' or '7', got {version!r}")
