@@ -625,3 +625,19 @@ def test_train_conv_net_on_gpu(tmp_path):
     net, st, _ = run(tiny_net(), imdb, tmp_path / 'gpu', num_epochs=2, gpus=[0])
     for k, v in params_of(ref).items():
         np.testing.assert_allclose(params_of(net)[k], v, rtol=1e-3, atol=1e-4, err_msg=k)
+
+
+@pytest.mark.skipif(not HAVE_MPL, reason='matplotlib is not installed')
+@pytest.mark.parametrize('epochs', [1, 3, 60])
+def test_plot_ticks_are_whole_epochs(epochs):
+    """After one epoch the x axis shows the label 1 alone (not 0.945 0.960 ... running into
+    each other), after sixty at most 7 whole-epoch labels."""
+    from pydagnn import plots
+    rec = [{'num': 1, 'time': 1, 'objective': 1.0 / e, 'top1error': 0.5} for e in range(1, epochs + 1)]
+    fig = plots.draw_figure({'train': rec, 'val': rec})
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert all(t == int(t) for t in ticks), ticks
+        assert 1 <= len(ticks) <= 7, ticks
+        assert (ticks == [1]) if epochs == 1 else ticks[-1] <= epochs
