@@ -60,7 +60,8 @@ def demo_imdb_path(num_train=None, num_val=None):
     return path
 
 
-def parse_args(argv=None):
+def make_parser():
+    """The argparse parser of the command (every flag with a help line)."""
     p = argparse.ArgumentParser(prog='examples/cnn_imagenet64.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--model-type', default='ResNet18-GM-SOP', choices=MODEL_TYPES,
                    help='default ResNet18-GM-SOP')
@@ -87,7 +88,11 @@ def parse_args(argv=None):
     p.add_argument('--no-prefetch', action='store_true', help='read batches in the training thread')
     p.add_argument('--no-plot', action='store_true', help='do not draw net-train.pdf/.png')
     add_debug_flag(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
 
 
 def check_args(args):

@@ -113,7 +113,8 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
             'data_wait_s': loader.wait_time}
 
 
-def _parser():
+def make_parser():
+    """The argparse parser of the command (every flag with a help line)."""
     p = argparse.ArgumentParser(prog='python -m pydagnn.evaluate', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help='a MatConvNet model or checkpoint (net-epoch-N.mat)')
     p.add_argument('--imdb', required=True, help='imdb.mat (v7 or v7.3)')
@@ -138,13 +139,20 @@ def check_fit(net, imdb, subset, model='model', imdb_path='imdb'):
         raise UsageError(f'{imdb_path}: images.data is {data_shape}, expected H x W x C x N')
     inputs = net.input_sizes(1)
     name = 'input' if 'input' in inputs else next(iter(inputs))
+    want = tuple(int(v) for v in inputs[name][:3])
+    got = 'x'.join(map(str, data_shape[:3]))
+    meta = net.meta if isinstance(net.meta, dict) else {}
+    declared = any(k in meta for k in ('inputs', 'inputSize')) or 'imageSize' in (
+        meta.get('normalization') if isinstance(meta.get('normalization'), dict) else {})
+    # a size the model declares is the one it was trained on (the GAP window depends on it)
+    if declared and want != data_shape[:3]:
+        raise UsageError(f'{imdb_path}: images of {got} do not fit {model} (its meta says '
+                         f'{"x".join(map(str, want))})')
     inputs[name] = data_shape[:3] + (1,)
     try:
         sizes = net.get_var_sizes(inputs)
     except (ValueError, KeyError) as e:
-        want = net.input_sizes(1)[name][:3]
-        raise UsageError(f'{imdb_path}: images of {"x".join(map(str, data_shape[:3]))} do not fit '
-                         f'{model} (its meta says {"x".join(map(str, want))}): {e}') from None
+        raise UsageError(f'{imdb_path}: images of {got} do not fit {model}: {e}') from None
     score = sizes.get(_score_var(net))
     if score is not None and all(v is not None for v in score[:3]):
         classes = int(np.prod(score[:3]))
@@ -152,15 +160,16 @@ def check_fit(net, imdb, subset, model='model', imdb_path='imdb'):
         sets = np.asarray(imdb.images.set).reshape(-1)
         picked = labels[sets == _SETS[subset]] if isinstance(subset, str) else labels
         if picked.size and picked.max() > classes:
-            raise UsageError(f'{imdb_path}: labels go up to {int(picked.max())} but {model} '
-                             f'scores {classes} classes')
+            which = f'the {subset} images' if isinstance(subset, str) else 'the images'
+            raise UsageError(f'{imdb_path}: labels of {which} go up to {int(picked.max())} but '
+                             f'{model} scores {classes} classes')
 
 
 def main(argv=None):
     """The command (run through :func:`pydagnn.cli.run_main` as ``python -m
     pydagnn.evaluate``); returns the result dict of :func:`evaluate`."""
     from .cli import UsageError
-    args = _parser().parse_args(argv)
+    args = make_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f'--batch-size {args.batch_size}: must be at least 1')
     for flag, path in (('--model', args.model), ('--imdb', args.imdb)):

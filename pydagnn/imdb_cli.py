@@ -18,7 +18,8 @@ import time
 from .cli import UsageError, add_debug_flag, run_main
 
 
-def _parser():
+def make_parser():
+    """The argparse parser of the command (every flag with a help line)."""
     p = argparse.ArgumentParser(prog='python -m pydagnn.imdb', description=__doc__.split('\n')[0])
     sub = p.add_subparsers(dest='cmd', required=True)
 
@@ -95,7 +96,7 @@ def main(argv=None):
 
 def run(argv=None):
     """Run one subcommand; prints its JSON summary on stdout, returns 0. Raises on errors."""
-    args = _parser().parse_args(argv)
+    args = make_parser().parse_args(argv)
     _check(args)
     from .io.imdb import convert_imagenet64, imdb_info, repack_imdb, synth_imdb
     t0 = time.perf_counter()

@@ -190,6 +190,26 @@ def print_table(title, rows, show_all=False, sort_groups=False, file=None):
     return held_all
 
 
+def make_parser():
+    """The argparse parser of the command (every flag with a help line)."""
+    from .testing import shared_dir
+    ap = argparse.ArgumentParser(prog='python -m pydagnn.parity', description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument('--fixtures', default=os.path.join(shared_dir(), 'fixtures'),
+                    help='folder of the original\'s fixtures (default $PYDAGNN_SHARED/fixtures, '
+                         'else ../shared/fixtures beside the checkout)')
+    ap.add_argument('--dtype', default='both', choices=['float32', 'float64', 'both'],
+                    help='precision of the comparison (default both)')
+    ap.add_argument('--device', default='cpu', choices=['cpu', 'gpu'],
+                    help='where the whole network runs (the layer fixtures run on the CPU)')
+    ap.add_argument('--layers-only', action='store_true',
+                    help='only the layer fixtures (fx_*.mat), not the whole network')
+    ap.add_argument('--all', action='store_true',
+                    help='print every row, not only the worst per group')
+    add_debug_flag(ap)
+    return ap
+
+
 def check_fixtures(folder, need_net=True):
     """Raise :class:`~pydagnn.cli.UsageError` saying how to point at the fixtures when
     ``folder`` is not a folder of them."""
@@ -210,21 +230,7 @@ def check_fixtures(folder, need_net=True):
 def main(argv=None):
     """The command: prints the tables, returns 0 when every float32 tolerance holds, else
     1. Raises :class:`~pydagnn.cli.UsageError` when the fixtures are not found."""
-    ap = argparse.ArgumentParser(prog='python -m pydagnn.parity', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from .testing import shared_dir
-    ap.add_argument('--fixtures', default=os.path.join(shared_dir(), 'fixtures'),
-                    help='folder of the original\'s fixtures (default $PYDAGNN_SHARED/fixtures, '
-                         'else ../shared/fixtures beside the checkout)')
-    ap.add_argument('--dtype', default='both', choices=['float32', 'float64', 'both'],
-                    help='precision of the comparison (default both)')
-    ap.add_argument('--device', default='cpu', choices=['cpu', 'gpu'],
-                    help='where the whole network runs (the layer fixtures run on the CPU)')
-    ap.add_argument('--layers-only', action='store_true',
-                    help='only the layer fixtures (fx_*.mat), not the whole network')
-    ap.add_argument('--all', action='store_true',
-                    help='print every row, not only the worst per group')
-    add_debug_flag(ap)
-    args = ap.parse_args(argv)
+    args = make_parser().parse_args(argv)
     check_fixtures(args.fixtures, need_net=not args.layers_only)
     from . import parity_layers
     if not args.layers_only:
