@@ -6,15 +6,17 @@
 """
 from .layer import Layer, register, REGISTRY, BlockContext  # noqa: F401
 from .dagnn import DagNN, EvalError  # noqa: F401
-from . import layers  # noqa: F401  (registers every block type)
 
 __version__ = '0.1.0'
 
 
 #: submodules reachable as ``pydagnn.<name>`` after ``import pydagnn`` alone, imported on
-#: first access so that importing the engine stays fast
+#: first access so that importing the engine stays fast: the layer library (numba) too, so
+#: that a command answers ``--help`` before numba loads. What looks blocks up by type name
+#: (the model loader, the model builders) imports ``pydagnn.layers`` itself.
 _SUBMODULES = ('io', 'models', 'train', 'data', 'evaluate', 'gradcheck', 'testing', 'parity',
-               'parity_layers', 'plots', 'imdb', 'backend', 'routing', 'executor', 'dagnn', 'layer')
+               'parity_layers', 'plots', 'imdb', 'backend', 'routing', 'executor', 'dagnn', 'layer',
+               'layers', 'cli', 'progress')
 
 
 def __getattr__(name):

@@ -23,6 +23,9 @@ class NetBuilder:
     """Adds layers to ``net`` the way the original builders' nested helpers do."""
 
     def __init__(self, net, var='input', depth=3):
+        # the block types are looked up by name: the layer library registers them (imported
+        # here, not at module level, so that `import pydagnn.models` stays free of numba)
+        from .. import layers  # noqa: F401
         self.net = net
         self.var = var        # lastAdded.var
         self.depth = depth    # lastAdded.depth
