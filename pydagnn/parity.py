@@ -16,7 +16,6 @@ import re
 import sys
 
 import numpy as np
-import scipy.io
 
 from .cli import UsageError, add_debug_flag, run_main
 from .testing import rel_err
@@ -234,6 +233,7 @@ def main(argv=None):
     check_fixtures(args.fixtures, need_net=not args.layers_only)
     from . import parity_layers
     if not args.layers_only:
+        import scipy.io   # here, not at the top: --help answers without it
         io = scipy.io.loadmat(os.path.join(args.fixtures, 'gmsop_resnet18_eval_io.mat'))
         model = os.path.join(args.fixtures, 'gmsop_resnet18_eval.mat')
     dtypes = ['float32', 'float64'] if args.dtype == 'both' else [args.dtype]

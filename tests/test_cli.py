@@ -316,3 +316,20 @@ def test_every_flag_has_a_help_line():
         for action in p._actions:
             if action.option_strings or action.dest not in ('help',):
                 assert action.help, f'{cmd}: {action.option_strings or action.dest} has no help line'
+
+
+def test_help_loads_no_numba(tmp_path):
+    """``--help`` answers before the layer library (numba) is imported, so it comes at once."""
+    runs = [('path', EXAMPLE, []), ('module', 'pydagnn.evaluate', []), ('module', 'pydagnn.imdb', ['convert']),
+            ('module', 'pydagnn.parity', [])]
+    for kind, target, sub in runs:
+        code = ('import runpy, sys\n'
+                f'sys.argv = ["cmd"] + {sub!r} + ["--help"]\n'
+                'try:\n'
+                f'    runpy.run_{kind}({target!r}, run_name="__main__")\n'
+                'except SystemExit:\n'
+                '    pass\n'
+                'print("numba loaded" if "numba" in sys.modules else "no numba", file=sys.stderr)\n')
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert r.returncode == 0 and 'usage:' in r.stdout, (target, r.stderr)
+        assert r.stderr.strip().splitlines()[-1] == 'no numba', (target, r.stderr)
