@@ -14,8 +14,10 @@
 :func:`run_main` runs ``main(argv)`` and turns the errors a user causes into one line on
 stderr and exit status 2: :class:`UsageError`, a malformed file (:class:`MatFileError`, a
 ``ValueError``), any other ``ValueError`` raised while checking the user's input, a file
-that is missing or cannot be read or written (``OSError``), and every class listed in
-:data:`EXPECTED_ERRORS` (other modules add theirs with :func:`expected_error`). Ctrl-C is
+that is missing or cannot be read or written (``OSError``), the trainer's
+``CheckpointError``, and every class listed in :data:`EXPECTED_ERRORS` (a module whose
+errors are the user's to fix but are neither ValueError nor OSError decorates its class
+with :func:`expected_error`). Ctrl-C is
 one line too (``interrupted: ...``, exit 130), saying where the run will resume when the
 command raised :class:`Interrupted` with that message. Anything else is a bug and keeps its
 traceback; ``--debug`` anywhere on the command line (:func:`add_debug_flag` lists it in
