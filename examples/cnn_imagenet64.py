@@ -23,7 +23,6 @@ the model cannot take, no training images, ``--gpus`` without a usable GPU) ends
 traceback); a run that stops before its first checkpoint leaves no experiment folder
 behind. Ctrl-C says which checkpoint the same command resumes from.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -31,7 +30,7 @@ import time
 
 import numpy as np
 
-from pydagnn.cli import Interrupted, UsageError, add_debug_flag, check_gpus, run_main
+from pydagnn.cli import ArgumentParser, Interrupted, UsageError, add_debug_flag, check_gpus, run_main
 from pydagnn.models import MODEL_TYPES
 
 #: the generated imdb and the reduced model used when no --imdb is given
@@ -62,7 +61,7 @@ def demo_imdb_path(num_train=None, num_val=None):
 
 def make_parser():
     """The argparse parser of the command (every flag with a help line)."""
-    p = argparse.ArgumentParser(prog='examples/cnn_imagenet64.py', description=__doc__.split('\n\n')[0])
+    p = ArgumentParser(prog='examples/cnn_imagenet64.py', description=__doc__.split('\n\n')[0])
     p.add_argument('--model-type', default='ResNet18-GM-SOP', choices=MODEL_TYPES,
                    help='default ResNet18-GM-SOP')
     p.add_argument('--imdb', help='imdb.mat (MATLAB v7 or v7.3); default: a generated demo imdb and a '

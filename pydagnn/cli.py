@@ -22,14 +22,17 @@ one line too (``interrupted: ...``, exit 130), saying where the run will resume 
 command raised :class:`Interrupted` with that message. Anything else is a bug and keeps its
 traceback; ``--debug`` anywhere on the command line (:func:`add_debug_flag` lists it in
 ``--help``) keeps the traceback for every error.
-argparse's own usage errors already print ``usage`` plus one ``error:`` line and exit 2.
+A flag argparse refuses (unknown, missing, not a number) is one line too when the command
+builds its parser with :class:`ArgumentParser`: ``error: argument --batch-size: invalid int
+value: 'x' (see --help)``, exit 2, without the long usage text.
 
 This module imports nothing heavy: commands parse their arguments (and answer ``--help``)
 before they import the engine.
 """
+import argparse
 import sys
 
-__all__ = ['UsageError', 'Interrupted', 'run_main', 'add_debug_flag', 'check_gpus', 'expected_error',
+__all__ = ['ArgumentParser', 'UsageError', 'Interrupted', 'run_main', 'add_debug_flag', 'check_gpus', 'expected_error',
            'EXPECTED_ERRORS', 'DEBUG_HELP']
 
 #: the help line every command gives its --debug flag
@@ -39,6 +42,14 @@ DEBUG_HELP = 'show the Python traceback of an error instead of the one-line mess
 class UsageError(ValueError):
     """A value the user gave (a flag, a file's content) that the command cannot use. The
     message names the flag, file or value and says what would be accepted."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose refusal of a flag is one ``error: ...`` line and exit 2
+    (its subcommand parsers are of this class too)."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see {self.prog} --help)\n')
 
 
 class Interrupted(KeyboardInterrupt):

@@ -9,7 +9,6 @@ without flips, minus ``meta.rgbMean``. The errors are computed from the scores t
 the net's first ``dagnn.Loss`` layer (``prediction`` in the GM-SOP models), so they do not
 depend on which loss layers the net has.
 """
-import argparse
 import json
 import os
 import sys
@@ -18,7 +17,7 @@ import time
 import numpy as np
 
 from . import backend
-from .cli import add_debug_flag, check_gpus, run_main
+from .cli import ArgumentParser, UsageError, add_debug_flag, check_gpus, run_main
 from .data import get_batch, make_loader
 from .progress import format_duration
 
@@ -58,9 +57,12 @@ def _score_var(net):
                      'cannot tell which var holds the class scores')
 
 
-def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, log=print):
+def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, log=print,
+             log_interval=1.0):
     """Run ``net`` in 'test' mode over a set of ``imdb`` (a set name or 0-based indexes).
-    Returns ``{'num': images, 'top1error': ..., 'top5error': ..., 'images_per_s': ...,
+    ``log`` gets a progress line (speed, running errors, ETA) after the first and the last
+    batch and at most every ``log_interval`` seconds between (a fast GPU does many batches
+    a second). Returns ``{'num': images, 'top1error': ..., 'top5error': ..., 'images_per_s': ...,
     'seconds': ...}``."""
     if isinstance(subset, str):
         if subset not in _SETS:
@@ -88,7 +90,7 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
         return get_batch(imdb, b, mode='test')
 
     err1 = err5 = n = 0
-    t0 = time.perf_counter()
+    t0 = last_line = time.perf_counter()
     loader = make_loader(jobs, fetch, prefetch=prefetch)
     try:
         for k, batch in enumerate(loader):
@@ -100,8 +102,11 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
             err1 += e1
             err5 += e5
             n += batch['label'].size
-            dt = time.perf_counter() - t0
-            if log is not None:
+            now = time.perf_counter()
+            dt = now - t0
+            due = k == 0 or k == len(jobs) - 1 or now - last_line >= log_interval
+            if log is not None and due:
+                last_line = now
                 eta = (idx.size - n) / (n / dt) if dt > 0 else None
                 log(f'evaluate: {k + 1:4d}/{len(jobs):4d}: {n / dt:.1f} Hz top1error: {err1 / n:.4f} '
                     f'top5error: {err5 / n:.4f} ETA {format_duration(eta)}')
@@ -115,7 +120,7 @@ def evaluate(net, imdb, subset='val', batch_size=256, gpus=(), prefetch=True, lo
 
 def make_parser():
     """The argparse parser of the command (every flag with a help line)."""
-    p = argparse.ArgumentParser(prog='python -m pydagnn.evaluate', description=__doc__.split('\n\n')[0])
+    p = ArgumentParser(prog='python -m pydagnn.evaluate', description=__doc__.split('\n\n')[0])
     p.add_argument('--model', required=True, help='a MatConvNet model or checkpoint (net-epoch-N.mat)')
     p.add_argument('--imdb', required=True, help='imdb.mat (v7 or v7.3)')
     p.add_argument('--set', default='val', choices=sorted(_SETS),
@@ -133,7 +138,6 @@ def check_fit(net, imdb, subset, model='model', imdb_path='imdb'):
     """Raise :class:`~pydagnn.cli.UsageError` when ``imdb``'s images or labels cannot go
     through ``net``: image size and channels against the net's input (shapes only, from
     the blocks' ``get_output_sizes``), labels against the classes of the score var."""
-    from .cli import UsageError
     data_shape = tuple(int(v) for v in imdb.images.data.shape)
     if len(data_shape) != 4:
         raise UsageError(f'{imdb_path}: images.data is {data_shape}, expected H x W x C x N')
@@ -168,7 +172,6 @@ def check_fit(net, imdb, subset, model='model', imdb_path='imdb'):
 def main(argv=None):
     """The command (run through :func:`pydagnn.cli.run_main` as ``python -m
     pydagnn.evaluate``); returns the result dict of :func:`evaluate`."""
-    from .cli import UsageError
     args = make_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f'--batch-size {args.batch_size}: must be at least 1')

@@ -9,19 +9,19 @@ Run as ``python -m pydagnn.imdb`` (that module is only the entry point); the lib
                                                   --size 64 --seed S]
     python -m pydagnn.imdb info imdb.mat
 """
-import argparse
 import json
 import os
 import sys
 import time
 
-from .cli import UsageError, add_debug_flag, run_main
+from .cli import ArgumentParser, UsageError, add_debug_flag, run_main
 
 
 def make_parser():
     """The argparse parser of the command (every flag with a help line)."""
-    p = argparse.ArgumentParser(prog='python -m pydagnn.imdb', description=__doc__.split('\n')[0])
-    sub = p.add_subparsers(dest='cmd', required=True)
+    p = ArgumentParser(prog='python -m pydagnn.imdb', description=__doc__.split('\n')[0])
+    sub = p.add_subparsers(dest='cmd', required=True, metavar='{convert,synth,info}',
+                           help='what to do (each has its own --help)')
 
     c = sub.add_parser('convert',
                        help='downsampled-ImageNet batches (or an imdb.mat) -> imdb.mat (v7.3)')

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from .cli import UsageError, add_debug_flag, run_main
+from .cli import ArgumentParser, UsageError, add_debug_flag, run_main
 from .testing import rel_err
 
 #: group -> tolerance (relative error), the parity issue's tiers
@@ -192,7 +192,7 @@ def print_table(title, rows, show_all=False, sort_groups=False, file=None):
 def make_parser():
     """The argparse parser of the command (every flag with a help line)."""
     from .testing import shared_dir
-    ap = argparse.ArgumentParser(prog='python -m pydagnn.parity', description=__doc__,
+    ap = ArgumentParser(prog='python -m pydagnn.parity', description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--fixtures', default=os.path.join(shared_dir(), 'fixtures'),
                     help='folder of the original\'s fixtures (default $PYDAGNN_SHARED/fixtures, '

@@ -211,9 +211,11 @@ def test_evaluate_progress_has_a_rate_and_an_eta(files, capsys):
     from pydagnn.io.matconvnet import load_matconvnet
     lines = []
     with load_imdb(files['noval']) as imdb:
-        pev.evaluate(load_matconvnet(files['model']), imdb, 'val', batch_size=3, log=lines.append)
-    assert len(lines) == 2
-    assert lines[0].startswith('evaluate:    1/   2: ') and ' Hz ' in lines[0] and ' ETA ' in lines[0]
+        pev.evaluate(load_matconvnet(files['model']), imdb, 'val', batch_size=1, log=lines.append,
+                     log_interval=3600)
+    assert len(lines) == 2     # 4 batches: the first and the last line, none between
+    assert lines[0].startswith('evaluate:    1/   4: ') and ' Hz ' in lines[0] and ' ETA ' in lines[0]
+    assert lines[1].startswith('evaluate:    4/   4: ') and lines[1].endswith(' ETA 0s')
     with pytest.raises(ValueError, match='batch_size must be at least 1'):
         with load_imdb(files['noval']) as imdb:
             pev.evaluate(load_matconvnet(files['model']), imdb, 'val', batch_size=0)
@@ -295,6 +297,19 @@ def test_commands_in_a_shell(files, tmp_path):
                            timeout=120)
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count('\n') == 1 and r.stderr.startswith(msg), (argv, r.stderr)
+    refused = [  # argparse's own refusals: one line too, without the usage text
+        ([EXAMPLE, '--batch-size', 'x'],
+         "error: argument --batch-size: invalid int value: 'x' (see examples/cnn_imagenet64.py --help)\n"),
+        (['-m', 'pydagnn.evaluate', '--imdb', 'i.mat'],
+         'error: the following arguments are required: --model (see python -m pydagnn.evaluate --help)\n'),
+        (['-m', 'pydagnn.imdb'], 'error: the following arguments are required: {convert,synth,info} '
+                                 '(see python -m pydagnn.imdb --help)\n'),
+        (['-m', 'pydagnn.imdb', 'info'], 'error: the following arguments are required: path '
+                                         '(see python -m pydagnn.imdb info --help)\n'),
+    ]
+    for argv, err in refused:
+        r = subprocess.run([sys.executable] + argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert (r.returncode, r.stderr) == (2, err), argv
     r = subprocess.run([sys.executable, EXAMPLE, '--imdb', 'missing.mat', '--debug'], capture_output=True,
                        text=True, cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and 'Traceback' in r.stderr and 'UsageError' in r.stderr
