@@ -43,9 +43,35 @@ def cache_dir():
     return os.environ.get('PYDAGNN_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'pydagnn')
 
 
+def load_imdb(path):
+    """:func:`pydagnn.io.imdb.load_imdb`, imported when first called (``--help`` needs no
+    file reader); a missing file is the ``--imdb`` flag's fault."""
+    if not os.path.isfile(path):
+        raise UsageError(f'--imdb {path}: no such file')
+    from pydagnn.io.imdb import load_imdb as load
+    return load(path)
+
+
+def cnn_train_dag(*args, **kwargs):
+    """:func:`pydagnn.train.cnn_train_dag`, imported when first called."""
+    from pydagnn.train import cnn_train_dag as train
+    return train(*args, **kwargs)
+
+
+def run_errors():
+    """The failures of a run reported as one ``error:`` line with exit status 1 (the
+    flags and data were fine; the run could not go on): a non-finite step, a folder held by
+    another run or not writable, a checkpoint that could not be written."""
+    from pydagnn.finite import NonFiniteError
+    from pydagnn.io.checkpoint import CheckpointWriteError
+    from pydagnn.runlock import ExpDirError, RunLockError
+    return (NonFiniteError, RunLockError, ExpDirError, CheckpointWriteError)
+
+
 def demo_imdb_path(num_train=None, num_val=None):
     """Generate (once) the small learnable imdb of the demo; returns its path."""
     from pydagnn.io.imdb import synth_imdb
+    from pydagnn.io.tmpfiles import clean_stale
     d = dict(DEMO_IMDB)
     if num_train is not None:
         d.update(num_train=int(num_train), num_val=int(num_val))
@@ -53,6 +79,7 @@ def demo_imdb_path(num_train=None, num_val=None):
                                      f"s{d['size']}-n{d['noise']:g}-seed{d['seed']}.mat")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        clean_stale(os.path.dirname(path), log=print)   # what a killed generation left
         t0 = time.perf_counter()
         synth_imdb(path, **d)
         print(f'cnn_imagenet64: generated {path} ({time.perf_counter() - t0:.1f} s)', flush=True)
@@ -113,8 +140,6 @@ def check_args(args):
     if args.batch_size is not None and args.num_sub_batches > args.batch_size:
         raise UsageError(f'--num-sub-batches {args.num_sub_batches}: more than --batch-size '
                          f'{args.batch_size}')
-    if args.imdb is not None and not os.path.isfile(args.imdb):
-        raise UsageError(f'--imdb {args.imdb}: no such file')
     check_gpus(args.gpus)
 
 
@@ -224,12 +249,12 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     from pydagnn.data import get_batch
-    from pydagnn.io.imdb import load_imdb
-    from pydagnn.train import cnn_train_dag, format_schedule
+    from pydagnn.train import format_schedule
     t_start = time.perf_counter()
     demo = args.imdb is None
     imdb_path = demo_imdb_path(*(args.demo_size or ())) if demo else args.imdb
-    with load_imdb(imdb_path) as imdb:
+    imdb = load_imdb(imdb_path)
+    try:
         labels = np.asarray(imdb.images.labels).reshape(-1)
         num_classes = args.num_classes or (int(labels.max()) if labels.size else 1000)
         image_size, sets = check_imdb(imdb, imdb_path, num_classes)
@@ -253,9 +278,18 @@ def main(argv=None):
         except BaseException:
             _remove_if_unused(created, exp_dir)
             raise
+    finally:
+        imdb.close()
     print_results(stats, num_classes, time.perf_counter() - t_start)
     return net, stats
 
 
+def cli(argv=None):
+    """:func:`main` as a command (see :mod:`pydagnn.cli`): 0 when done; 2 with one
+    ``error: ...`` line for a mistake in the flags or the data; 1 with one line when the run
+    fails in a way the user must act on (:func:`run_errors`); 130 after Ctrl-C."""
+    return run_main(main, argv, run_errors=run_errors())
+
+
 if __name__ == '__main__':
-    sys.exit(run_main(main))
+    sys.exit(cli())

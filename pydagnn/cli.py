@@ -17,7 +17,8 @@ stderr and exit status 2: :class:`UsageError`, a malformed file (:class:`MatFile
 that is missing or cannot be read or written (``OSError``), the trainer's
 ``CheckpointError``, and every class listed in :data:`EXPECTED_ERRORS` (a module whose
 errors are the user's to fix but are neither ValueError nor OSError decorates its class
-with :func:`expected_error`). Ctrl-C is
+with :func:`expected_error`). A failure of the run itself (:class:`RunError`, or the
+classes a command passes as ``run_errors``) is one ``error:`` line and exit 1. Ctrl-C is
 one line too (``interrupted: ...``, exit 130), saying where the run will resume when the
 command raised :class:`Interrupted` with that message. Anything else is a bug and keeps its
 traceback; ``--debug`` anywhere on the command line (:func:`add_debug_flag` lists it in
@@ -32,7 +33,7 @@ before they import the engine.
 import argparse
 import sys
 
-__all__ = ['ArgumentParser', 'UsageError', 'Interrupted', 'run_main', 'add_debug_flag', 'check_gpus', 'expected_error',
+__all__ = ['ArgumentParser', 'UsageError', 'RunError', 'Interrupted', 'run_main', 'add_debug_flag', 'check_gpus', 'expected_error',
            'EXPECTED_ERRORS', 'DEBUG_HELP']
 
 #: the help line every command gives its --debug flag
@@ -119,15 +120,28 @@ def check_gpus(gpus, flag='--gpus'):
         raise UsageError(f'{given}: this machine has {n} CUDA device(s), numbered 0..{n - 1}')
 
 
-def run_main(main, argv=None):
+class RunError(Exception):
+    """A run that failed in a way the user must act on (a full disk, a folder another run
+    holds): one ``error:`` line, exit status 1 (the input was fine; the run was not)."""
+
+
+def run_main(main, argv=None, run_errors=()):
     """Run ``main(argv)`` (``argv`` default ``sys.argv[1:]``) as a command and return its
-    exit status: main's return value when it is an int, else 0; 2 after an expected error;
-    130 after Ctrl-C. ``--debug`` is taken out of ``argv`` before ``main`` sees it."""
+    exit status: main's return value when it is an int, else 0; 2 after an expected error
+    (the user's input); 1 after a :class:`RunError` or one of ``run_errors`` (classes of
+    failures of the run itself, e.g. a non-finite step, a held experiment folder); 130 after
+    Ctrl-C. Each prints one line. ``--debug`` is taken out of ``argv`` before ``main`` sees
+    it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     argv = [a for a in argv if a != '--debug']
     try:
         status = main(argv)
+    except (RunError,) + tuple(run_errors) as e:   # before the input errors: a subclass wins
+        if debug:
+            raise
+        print(f'error: {_one_line(e)}', file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt as e:
         if debug:
             raise

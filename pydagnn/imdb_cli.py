@@ -9,12 +9,13 @@ Run as ``python -m pydagnn.imdb`` (that module is only the entry point); the lib
                                                   --size 64 --seed S]
     python -m pydagnn.imdb info imdb.mat
 """
+import errno
 import json
 import os
 import sys
 import time
 
-from .cli import ArgumentParser, UsageError, add_debug_flag, run_main
+from .cli import ArgumentParser, RunError, UsageError, add_debug_flag, run_main
 
 
 def make_parser():
@@ -89,34 +90,58 @@ def _progress_callback(quiet):
 
 
 def main(argv=None):
-    """The command: returns its exit status (0; 2 after a user's mistake, with one
-    ``error:`` line on stderr; see :mod:`pydagnn.cli`)."""
+    """The command: returns its exit status (0; 2 after a user's mistake, 1 when writing
+    the output failed, e.g. a full disk; each with one ``error:`` line on stderr; see
+    :mod:`pydagnn.cli`)."""
     return run_main(run, argv)
+
+
+def _write_failed(e, target):
+    """The one line for an OS error while writing ``target`` (the output is not published
+    and its temp file is removed, so nothing half written is left)."""
+    code = f' ({errno.errorcode[e.errno]})' if e.errno in errno.errorcode else ''
+    return RunError(f'{target}: {e.strerror or e}{code}; nothing was written')
+
+
+def _write(args):
+    """The convert or synth subcommand (writes ``args.out``)."""
+    from .io.imdb import convert_imagenet64, repack_imdb, synth_imdb
+    if args.cmd == 'synth':
+        synth_imdb(args.out, num_train=args.num_train, num_val=args.num_val,
+                   num_classes=args.num_classes, size=args.size, seed=args.seed,
+                   noise=args.noise, version=args.version, layout=args.layout)
+        return
+    progress = _progress_callback(args.quiet)
+    if os.path.isfile(args.src):
+        repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk, progress=progress)
+    else:
+        log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+        convert_imagenet64(args.src, args.out, layout=args.layout, chunk=args.chunk, log=log,
+                           progress=progress)
 
 
 def run(argv=None):
     """Run one subcommand; prints its JSON summary on stdout, returns 0. Raises on errors."""
     args = make_parser().parse_args(argv)
     _check(args)
-    from .io.imdb import convert_imagenet64, imdb_info, repack_imdb, synth_imdb
+    from .io.imdb import imdb_info
+    from .io.tmpfiles import clean_stale
     t0 = time.perf_counter()
-    if args.cmd == 'convert':
-        progress = _progress_callback(args.quiet)
-        if os.path.isfile(args.src):
-            repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk,
-                        progress=progress)
-        else:
-            log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
-            convert_imagenet64(args.src, args.out, layout=args.layout, chunk=args.chunk,
-                               log=log, progress=progress)
-        print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
-    elif args.cmd == 'synth':
-        synth_imdb(args.out, num_train=args.num_train, num_val=args.num_val,
-                   num_classes=args.num_classes, size=args.size, seed=args.seed,
-                   noise=args.noise, version=args.version, layout=args.layout)
-        print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
-    else:
+    if args.cmd == 'info':
         print(json.dumps(imdb_info(args.path)))
+        return 0
+    # what killed writers left beside the output
+    clean_stale(os.path.dirname(os.path.abspath(args.out)),
+                log=lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        _write(args)
+    except TypeError as e:       # a non-numeric labels or set field of a repacked imdb
+        raise UsageError(str(e)) from None
+    except FileNotFoundError:    # an input that is not there: the user's to fix (exit 2)
+        raise
+    except OSError as e:         # e.g. ENOSPC while writing: the run failed (exit 1)
+        raise _write_failed(e, args.out) from None
+    print(json.dumps(dict(imdb_info(args.out), seconds=round(time.perf_counter() - t0, 2))))
     return 0
 
 

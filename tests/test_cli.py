@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from pydagnn.cli import Interrupted, UsageError, run_main
+from pydagnn.cli import Interrupted, RunError, UsageError, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, 'examples', 'cnn_imagenet64.py')
@@ -75,6 +75,15 @@ def test_run_main_statuses(capsys):
     def stop(argv):
         raise KeyboardInterrupt
 
+    def disk_full(argv):
+        raise RunError('out.mat: No space left on device (ENOSPC); nothing was written')
+
+    class Held(RuntimeError):
+        pass
+
+    def held(argv):
+        raise Held('experiment folder x is in use by another run')
+
     def stop_here(argv):
         raise Interrupted('the same command resumes after epoch 3')
 
@@ -82,6 +91,12 @@ def test_run_main_statuses(capsys):
     assert _run(capsys, usage, []) == (2, 'error: --flag 3: must be at least 4')
     assert _run(capsys, missing, []) == (2, 'error: /nonexistent/x.mat: No such file or directory')
     assert _run(capsys, stop, []) == (130, 'interrupted: stopped by Ctrl-C')
+    # a failure of the run itself (not of the input) is one line too, exit 1
+    assert _run(capsys, disk_full, []) == (1, 'error: out.mat: No space left on device (ENOSPC); '
+                                              'nothing was written')
+    assert run_main(lambda argv: None, [], run_errors=(Held,)) == 0
+    rc = run_main(held, [], run_errors=(Held,))
+    assert (rc, capsys.readouterr().err.strip()) == (1, 'error: experiment folder x is in use by another run')
     assert _run(capsys, stop_here, []) == (130, 'interrupted: the same command resumes after epoch 3')
     with pytest.raises(ZeroDivisionError):        # a bug keeps its traceback
         run_main(bug, [])
