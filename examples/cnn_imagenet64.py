@@ -288,7 +288,7 @@ def cli(argv=None):
     """:func:`main` as a command (see :mod:`pydagnn.cli`): 0 when done; 2 with one
     ``error: ...`` line for a mistake in the flags or the data; 1 with one line when the run
     fails in a way the user must act on (:func:`run_errors`); 130 after Ctrl-C."""
-    return run_main(main, argv, run_errors=run_errors())
+    return run_main(main, argv, run_errors=run_errors)
 
 
 if __name__ == '__main__':

@@ -129,30 +129,27 @@ def run_main(main, argv=None, run_errors=()):
     """Run ``main(argv)`` (``argv`` default ``sys.argv[1:]``) as a command and return its
     exit status: main's return value when it is an int, else 0; 2 after an expected error
     (the user's input); 1 after a :class:`RunError` or one of ``run_errors`` (classes of
-    failures of the run itself, e.g. a non-finite step, a held experiment folder); 130 after
-    Ctrl-C. Each prints one line. ``--debug`` is taken out of ``argv`` before ``main`` sees
-    it."""
+    failures of the run itself, e.g. a non-finite step, a held experiment folder; or a
+    function returning them, called only after an error, so that naming them imports
+    nothing before ``--help`` is answered); 130 after Ctrl-C. Each prints one line.
+    ``--debug`` is taken out of ``argv`` before ``main`` sees it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = '--debug' in argv
     argv = [a for a in argv if a != '--debug']
     try:
         status = main(argv)
-    except (RunError,) + tuple(run_errors) as e:   # before the input errors: a subclass wins
-        if debug:
-            raise
-        print(f'error: {_one_line(e)}', file=sys.stderr, flush=True)
-        return 1
     except KeyboardInterrupt as e:
         if debug:
             raise
         msg = e.message if isinstance(e, Interrupted) else 'stopped by Ctrl-C'
         print(f'interrupted: {msg}', file=sys.stderr, flush=True)
         return 130
-    except SystemExit:
-        raise
-    except _expected() as e:
-        if debug:
+    except Exception as e:
+        failed = (RunError,) + tuple(run_errors() if callable(run_errors) else run_errors)
+        # a run failure first: its classes may subclass an input error's
+        code = 1 if isinstance(e, failed) else 2 if isinstance(e, _expected()) else None
+        if debug or code is None:
             raise
         print(f'error: {_one_line(e)}', file=sys.stderr, flush=True)
-        return 2
+        return code
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
