@@ -216,6 +216,7 @@ class MPIComm:
         sys.stderr.flush()
         sys.stdout.flush()
         self.MPI.COMM_WORLD.Abort(code)
+        os._exit(code)  # Abort may return before the launcher kills us: never run on
 
 
 class NCCLComm:

@@ -77,7 +77,9 @@ def train(kind='bn', subs=1, epochs=2, batch=8, exp='exp', comm='auto', timeout=
         if fault and rank_of(comm_obj) == fault_rank and calls[0] == fault_batch:
             if fault == 'raise':
                 raise RuntimeError('injected fault')
-            if fault == 'exit':
+            if fault == 'exit':      # a clean exit in the middle of the run: the others must not wait for ever
+                sys.exit(0)
+            if fault == 'kill':      # the process dies without a word
                 os._exit(3)
             if fault == 'hang':
                 time.sleep(600)
