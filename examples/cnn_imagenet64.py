@@ -12,6 +12,11 @@
     # the original's 10-image example file
     python examples/cnn_imagenet64.py --imdb ../shared/data/imdb_fake.mat --epochs 1
 
+    # data parallel (pip install -e '.[dist]'): 4 GPUs, one rank each (rank r uses gpus[r]);
+    # 2 CPU ranks; --gpus 0 1 alone starts its ranks through the venv's mpiexec
+    .venv/bin/mpiexec -n 4 python -m mpi4py examples/cnn_imagenet64.py --gpus 0 1 2 3 --imdb imdb.mat
+    .venv/bin/mpiexec -n 2 python -m mpi4py examples/cnn_imagenet64.py
+
 Checkpoints ``net-epoch-N.mat``, ``net-train.pdf``/``.png`` go to ``--exp-dir``
 (default ``data/<model folder name>``, as the original's ``expDir/net.meta.opt``); running
 the same command again resumes after the last complete checkpoint (``--no-continue``
@@ -30,6 +35,8 @@ from pydagnn.io.checkpoint import CheckpointWriteError
 from pydagnn.io.imdb import load_imdb, synth_imdb
 from pydagnn.io.tmpfiles import clean_stale
 from pydagnn.models import MODEL_TYPES, build
+from pydagnn.launch import LaunchError, relaunch_under_mpi, under_launcher
+from pydagnn.parallel import DEFAULT_TIMEOUT, make_comm
 from pydagnn.runlock import ExpDirError, RunLockError
 from pydagnn.train import cnn_train_dag, train_opts_kwargs
 
@@ -66,7 +73,11 @@ def parse_args(argv=None):
     p.add_argument('--imdb', help='imdb.mat (MATLAB v7 or v7.3); default: a generated demo imdb and a '
                                   'reduced model')
     p.add_argument('--exp-dir', help='checkpoints and plots (default data/<model folder name>)')
-    p.add_argument('--gpus', type=int, nargs='*', default=[], help='e.g. --gpus 0 (one GPU)')
+    p.add_argument('--gpus', type=int, nargs='*', default=[],
+                   help='e.g. --gpus 0 (one GPU); --gpus 0 1 2 3: one MPI rank per GPU (started through '
+                        'the venv\'s mpiexec when not run under mpiexec/srun)')
+    p.add_argument('--comm-timeout', type=float, default=DEFAULT_TIMEOUT,
+                   help=f'seconds a rank waits for the others before ending the job (default {DEFAULT_TIMEOUT:g})')
     p.add_argument('--batch-size', type=int, help="default the model's (256; WRN 150; demo 64)")
     p.add_argument('--epochs', type=int, help='default the length of the learning-rate schedule')
     p.add_argument('--lr', type=float, nargs='+',
@@ -90,11 +101,23 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if len(args.gpus) > 1 and not under_launcher():  # one process per GPU, as MatConvNet's pool
+        try:
+            raise SystemExit(relaunch_under_mpi(len(args.gpus), __file__, sys.argv[1:] if argv is None else argv))
+        except LaunchError as e:
+            print(f'error: {e}', file=sys.stderr)
+            raise SystemExit(2)
     t_start = time.perf_counter()
     demo = args.imdb is None
     if args.demo_size and not demo:
         raise SystemExit('cnn_imagenet64: --demo-size applies only without --imdb')
+    comm = make_comm('auto', args.gpus, args.comm_timeout)  # 'single' unless started by mpiexec/srun
+    if demo and comm.rank == 0:
+        demo_imdb_path(*(args.demo_size or ()))  # rank 0 generates the demo imdb, the others wait
+    comm.barrier()
     imdb_path = demo_imdb_path(*(args.demo_size or ())) if demo else args.imdb
+    if comm.rank != 0:  # rank 0 prints; the others stay quiet
+        sys.stdout = open(os.devnull, 'w')
     imdb = load_imdb(imdb_path)
     data = imdb.images.data
     image_size = int(data.shape[0])
@@ -135,7 +158,8 @@ def main(argv=None):
           f'lr {opts["learning_rate"]}; exp dir {exp_dir}', flush=True)
     net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir=exp_dir, gpus=args.gpus,
                                continue_=not args.no_continue, random_seed=args.seed,
-                               prefetch=not args.no_prefetch, plot_statistics=not args.no_plot, **opts)
+                               prefetch=not args.no_prefetch, plot_statistics=not args.no_plot,
+                               comm=comm, **opts)
     print('cnn_imagenet64: error curve (top-1 error; objective per image)')
     print('  epoch  train_top1  val_top1  train_obj  val_obj  train_s')
     for e, (tr, va) in enumerate(zip(stats['train'], stats['val']), start=1):

@@ -224,7 +224,7 @@ class NCCLComm:
     the NCCL unique id go over MPI (:class:`MPIComm`)."""
     name = 'nccl'
 
-    def __init__(self, timeout=DEFAULT_TIMEOUT, mpi_comm=None):
+    def __init__(self, timeout=DEFAULT_TIMEOUT, mpi_comm=None, gpus=()):
         self.mpi = mpi_comm if mpi_comm is not None else MPIComm(timeout)
         self.rank, self.size, self.timeout = self.mpi.rank, self.mpi.size, self.mpi.timeout
         try:
@@ -234,6 +234,9 @@ class NCCLComm:
             raise CommError("the 'nccl' communicator needs CuPy with NCCL: pip install "
                             "'pydagnn[cuda12,dist]' (or cuda13)") from None
         self.cupy, self.nccl = cupy, nccl
+        gpus = list(gpus or ())
+        if gpus:  # NCCL binds its communicator to the current device: rank r's is gpus[r]
+            cupy.cuda.Device(int(gpus[self.rank] if len(gpus) > 1 else gpus[0])).use()
         uid = np.zeros(128, dtype=np.int8)  # NCCL_UNIQUE_ID_BYTES signed chars
         if self.rank == 0:
             uid[:] = np.asarray(nccl.get_unique_id(), dtype=np.int8)
@@ -321,11 +324,11 @@ def make_comm(kind='auto', gpus=(), timeout=DEFAULT_TIMEOUT):
         comm = MPIComm(timeout)
         if comm.size == 1:
             return SingleComm(timeout)
-        return NCCLComm(timeout, comm) if gpus else comm
+        return NCCLComm(timeout, comm, gpus) if gpus else comm
     if kind == 'single':
         return SingleComm(timeout)
     if kind == 'mpi':
         return MPIComm(timeout)
     if kind == 'nccl':
-        return NCCLComm(timeout)
+        return NCCLComm(timeout, gpus=gpus)
     raise CommError(f"comm: expected 'auto', 'single', 'mpi' or 'nccl', got {kind!r}")
