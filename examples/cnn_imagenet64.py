@@ -76,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument('--gpus', type=int, nargs='*', default=[],
                    help='e.g. --gpus 0 (one GPU); --gpus 0 1 2 3: one MPI rank per GPU (started through '
                         'the venv\'s mpiexec when not run under mpiexec/srun)')
+    p.add_argument('--sync-bn', action='store_true',
+                   help='data parallel: BN moments and the Balance_loss sums over all ranks (default: per rank)')
     p.add_argument('--comm-timeout', type=float, default=DEFAULT_TIMEOUT,
                    help=f'seconds a rank waits for the others before ending the job (default {DEFAULT_TIMEOUT:g})')
     p.add_argument('--batch-size', type=int, help="default the model's (256; WRN 150; demo 64)")
@@ -159,7 +161,7 @@ def main(argv=None):
     net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir=exp_dir, gpus=args.gpus,
                                continue_=not args.no_continue, random_seed=args.seed,
                                prefetch=not args.no_prefetch, plot_statistics=not args.no_plot,
-                               comm=comm, **opts)
+                               comm=comm, sync_bn=args.sync_bn, **opts)
     print('cnn_imagenet64: error curve (top-1 error; objective per image)')
     print('  epoch  train_top1  val_top1  train_obj  val_obj  train_s')
     for e, (tr, va) in enumerate(zip(stats['train'], stats['val']), start=1):

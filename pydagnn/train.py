@@ -208,6 +208,15 @@ def _gpu_list(gpus):
     return [int(g) for g in gpus]
 
 
+def _batch_reducer(comm):
+    """``Layer.batch_sum`` in sync mode: a small array summed over the ranks."""
+    def reduce(a):
+        xp = backend.get_array_module(a)
+        flat = xp.array(a.reshape(-1), copy=True)
+        return comm.allreduce(flat, 'sum').reshape(a.shape)
+    return reduce
+
+
 def _check_replicas(net, comm, epoch):
     """Stop the run when the replicas' params differ (a checksum per epoch)."""
     if comm.size == 1:
@@ -242,7 +251,7 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
                   learning_rate=0.001, weight_decay=1e-4, momentum=0.9, nesterov=False, der_outputs=None,
                   train=None, val=None, gpus=(), continue_=True, random_seed=0, prefetch=True,
                   save_momentum=True, plot_statistics=True, conserve_memory=True, log=None, comm='auto',
-                  comm_timeout=DEFAULT_TIMEOUT):
+                  comm_timeout=DEFAULT_TIMEOUT, sync_bn=False):
     """Train ``net`` on ``imdb`` (see the module docstring). Returns ``(net, stats)``
     with ``stats = {'train': [dict per epoch], 'val': [...]}``; each dict holds ``num``
     (images), ``time`` (seconds, the original's measure that discounts the first
@@ -264,6 +273,10 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     ``r`` trains on ``gpus[r]`` (or the CPU), takes sub-batches ``g = s * N + r`` of each
     batch, the derivatives and statistics are summed over the ranks, rank 0 alone logs
     and writes. comm_timeout: seconds a rank waits for the others before ending the job.
+    sync_bn: False ('local', the original's multi-GPU statistics: BN moments and the
+    Balance_loss w_sum per rank and sub-batch) or True ('sync': both summed over the ranks
+    for each sub-batch s, weighted by the images of each rank; a step where some rank has
+    no images runs local, since that rank has nothing to evaluate).
     """
     gpus = _gpu_list(gpus)
     comm = make_comm(comm, gpus, comm_timeout)
@@ -303,7 +316,7 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
                       continue_, random_seed, save_momentum, plot_statistics, conserve_memory, log,
                       dict(batch_size=batch_size, num_sub_batches=num_sub_batches, der_outputs=der_outputs,
                            momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                           prefetch=prefetch), comm)
+                           prefetch=prefetch, sync_bn=bool(sync_bn)), comm)
 
 
 def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_mode, gpus, continue_,
@@ -438,6 +451,8 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
             check = finite.StepCheck(net, opts['der_outputs'], epoch, b + 1)   # nothing read until done()
             if mode == 'train':
                 grads.start()
+            net.batch_reducer = _batch_reducer(comm) if (opts['sync_bn'] and mode == 'train' and comm.size > 1
+                                                         and this_bs >= total_subs) else None
             for g, idx, _, _ in subs:
                 num += idx.size
                 if idx.size == 0:
@@ -478,6 +493,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
     finally:
         loader.close()
         net.accumulate_param_ders = False
+        net.batch_reducer = None
     total = time.perf_counter() - start
     if num_batches:
         share = 100.0 * loader.wait_time / total if total > 0 else 0.0

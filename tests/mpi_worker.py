@@ -28,13 +28,13 @@ CLASSES = 3
 GM_CLASSES = 6  # top5error needs at least 5
 
 
-def bn_net(dtype=np.float64, seed=0):
-    """conv 3x3 + BN + ReLU + dropout + conv to CLASSES scores, softmaxlog / classerror."""
+def bn_net(dtype=np.float64, seed=0, dropout=True):
+    """conv 3x3 + BN + ReLU (+ dropout) + conv to CLASSES scores, softmaxlog / classerror."""
     net = DagNN(seed=seed)
     net.add_layer('conv1', Conv(size=[3, 3, 3, 4], pad=1), 'input', 'x1', ['conv1_f', 'conv1_b'])
     net.add_layer('bn1', BatchNorm(numChannels=4), 'x1', 'x1n', ['bn1_g', 'bn1_b', 'bn1_m'])
     net.add_layer('relu1', ReLU(), 'x1n', 'x2')
-    net.add_layer('drop1', DropOut(rate=0.3), 'x2', 'x2d')
+    net.add_layer('drop1', DropOut(rate=0.3 if dropout else 0.0), 'x2', 'x2d')
     net.add_layer('pred', Conv(size=[SIZE, SIZE, 4, CLASSES]), 'x2d', 'prediction', ['pred_f', 'pred_b'])
     net.add_layer('loss', Loss(loss='softmaxlog'), ['prediction', 'label'], 'objective')
     net.add_layer('top1err', Loss(loss='classerror'), ['prediction', 'label'], 'top1error')
@@ -64,10 +64,10 @@ def imdb(n=25, n_val=7, size=SIZE, seed=0, classes=CLASSES):
 
 
 def train(kind='bn', subs=1, epochs=2, batch=8, exp='exp', comm='auto', timeout=20.0, fault=None,
-          fault_rank=1, fault_batch=2, n=25, lr=0.05):
+          fault_rank=1, fault_batch=2, n=25, lr=0.05, sync_bn=False):
     """Train; returns (net, record) where record holds what each rank reports."""
-    net = bn_net() if kind == 'bn' else gm_net()
-    data = imdb(n=n) if kind == 'bn' else imdb(n=n, size=16, classes=GM_CLASSES)
+    net = {'bn': bn_net, 'bn-plain': lambda: bn_net(dropout=False), 'gm': gm_net}[kind]()
+    data = imdb(n=n, size=16, classes=GM_CLASSES) if kind == 'gm' else imdb(n=n)
     seen = []
     saves = []
     calls = [0]
@@ -85,7 +85,12 @@ def train(kind='bn', subs=1, epochs=2, batch=8, exp='exp', comm='auto', timeout=
                 time.sleep(600)
         if mode == 'train':
             seen.extend(int(i) for i in idx)
-        return default_get_batch(imdb_, idx, mode=mode, rng=rng)
+        if kind != 'bn-plain':
+            return default_get_batch(imdb_, idx, mode=mode, rng=rng)
+        # bn-plain: no flips (they are keyed by sub-batch), float64 images (a float32 input
+        # makes the layers compute in float32)
+        out = default_get_batch(imdb_, idx, mode='test', rng=rng)
+        return {'input': np.asfortranarray(out['input'], dtype=np.float64), 'label': out['label']}
 
     from pydagnn.parallel import make_comm
     comm_obj = make_comm(comm, timeout=timeout)
@@ -99,7 +104,7 @@ def train(kind='bn', subs=1, epochs=2, batch=8, exp='exp', comm='auto', timeout=
     try:
         net, stats = ptrain.cnn_train_dag(net, data, get_batch, exp_dir=exp, batch_size=batch,
                                           num_sub_batches=subs, num_epochs=epochs, learning_rate=lr,
-                                          plot_statistics=False, prefetch=False, comm=comm_obj,
+                                          plot_statistics=False, prefetch=False, comm=comm_obj, sync_bn=sync_bn,
                                           log=lambda line: None)
     finally:
         ptrain.save_checkpoint = real_save
@@ -125,10 +130,12 @@ def main(argv=None):
     a.add_argument('--out', required=True)
     a.add_argument('--timeout', type=float, default=20.0)
     a.add_argument('--fault')
+    a.add_argument('--sync-bn', action='store_true')
     a.add_argument('--fault-batch', type=int, default=2)
     args = a.parse_args(argv)
     net, rec, stats, comm = train(args.kind, args.subs, args.epochs, args.batch, args.exp, 'auto',
-                                  args.timeout, args.fault, 1, args.fault_batch, args.n, args.lr)
+                                  args.timeout, args.fault, 1, args.fault_batch, args.n, args.lr,
+                                  args.sync_bn)
     for split in ('train', 'val'):
         for k, v in (stats[split][-1] if stats[split] else {}).items():
             rec[f's:{split}:{k}'] = np.float64(v)

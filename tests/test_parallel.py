@@ -30,7 +30,7 @@ GM = dict(kind='gm', batch=10, n=30, lr=0.01)   # no 1-image BN batch in the sma
 BN = dict(kind='bn', batch=8, n=25, lr=0.05)    # 25 = 3 x 8 + 1: the last batch has one image
 
 
-def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=120):
+def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=120, sync_bn=False):
     """Run ``job`` on 2 ranks; returns (CompletedProcess, [rank 0 record, rank 1 record])."""
     assert os.path.exists(MPIEXEC), f'no mpiexec beside {sys.executable}: pip install -e ".[dist]"'
     out = tmp / f'out-{time.monotonic_ns()}'
@@ -41,6 +41,8 @@ def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=12
            '--lr', str(job['lr']), '--exp', str(exp), '--out', str(out), '--timeout', str(timeout)]
     if fault:
         cmd += ['--fault', fault]
+    if sync_bn:
+        cmd += ['--sync-bn']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
     recs = [dict(np.load(out / f'rank{r}.npz')) for r in range(2) if (out / f'rank{r}.npz').exists()]
     return proc, recs
@@ -129,6 +131,23 @@ def test_resume_with_another_world_size(tmp_path):
     assert [int(r['saves']) for r in recs] == [1, 0]
     resumed = single(tmp_path, BN, 2, exp=tmp_path / 'exp-b')
     assert_same_params(resumed, ref)
+
+
+def test_sync_bn_equals_one_process_on_the_whole_batch(tmp_path):
+    """--sync-bn: 2 ranks x 1 sub-batch == 1 process, 1 sub-batch of the whole batch, to
+    1e-12 in float64 (no dropout nor flips: they are keyed by sub-batch), over 2 epochs; 27 =
+    3 x 8 + 3 images: an uneven last batch, weighted by each rank's images."""
+    job = dict(kind='bn-plain', batch=8, n=27, lr=0.05)
+    proc, recs = ranks(tmp_path, job, 1, sync_bn=True)
+    assert proc.returncode == 0, proc.stderr
+    ref = single(tmp_path, job, 1)
+    local = single(tmp_path, job, 2, exp=tmp_path / 'exp-local')  # what 'local' gives
+    worst = 0.0
+    for k in (k for k in ref if k.startswith('p:')):
+        np.testing.assert_allclose(recs[0][k], ref[k], rtol=1e-12, atol=1e-13, err_msg=k)
+        np.testing.assert_array_equal(recs[1][k], recs[0][k], err_msg=k)
+        worst = max(worst, float(np.abs(local[k] - ref[k]).max()))
+    assert worst > 1e-6  # the test can tell: per-rank statistics give other params
 
 
 # ---------------------------------------------------------------------------- faults
