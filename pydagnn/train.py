@@ -3,10 +3,12 @@
     net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir='exp', batch_size=256,
                                num_epochs=60, learning_rate=[0.1] * 40 + [0.01] * 20)
 
-Per epoch ``e`` (1-based): the random generators are seeded from ``e + random_seed``
-(train and val orders shuffled, the flips of every batch, ``net.rng`` for dropout and
-the gating noise), so a run resumed from a checkpoint continues exactly as the
-uninterrupted run; the learning rate is ``learning_rate[min(e, len) - 1]``. Training
+Per epoch ``e`` (1-based): the random generators are seeded from ``e + random_seed``:
+the train and val orders, and for every sub-batch ``g`` of batch ``b`` the flips and
+``net.rng`` (dropout, the H_x noise, gating ties), keyed by ``(seed, phase, b, g)`` rather
+than drawn in sequence, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run and N data-parallel ranks give the bits of one process (see
+:mod:`pydagnn.gradsync` and docs/parallel.md); the learning rate is ``learning_rate[min(e, len) - 1]``. Training
 runs in batches of ``batch_size`` (the last one smaller), each optionally split into
 ``num_sub_batches`` interleaved sub-batches whose derivatives are summed, in 'normal'
 mode with ``der_outputs`` ({'objective': 1}); then :func:`accumulate_gradients` applies
@@ -264,7 +266,8 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     empty list for none; with no training images nothing is trained or saved).
     learning_rate: a number or a per-epoch list. num_epochs: default the list's length.
     gpus: e.g. ``[0]`` to train on the GPU (``net.move('gpu')``, the SGD state on the GPU
-    too; one GPU only, the current CuPy device); the net is moved back to the CPU at the end.
+    too); several, one per MPI rank (rank r uses ``gpus[r]``); the net is moved back to the
+    CPU at the end.
     continue_: resume after the last complete checkpoint in ``exp_dir``; the returned net
     is then the one loaded from it. prefetch: prepare the next batch on a background
     thread. log: a function taking one line (default: print to stdout, flushed).
