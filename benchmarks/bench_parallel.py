@@ -12,8 +12,9 @@ trains one epoch of the reduced GM-SOP of the demo (``examples/cnn_imagenet64.py
 Rank 0 prints::
 
   {"kind": "train", "ranks", "comm", "batch", "images", "steps", "images_per_s" (after
-   the first 2 steps), "step_s_median", "allreduce_ms_per_step" (gradient, mask and
-   statistics collectives of a step, median), "allreduce_share" (of the median step),
+   the first 2 steps), "step_s_median", "allreduce_ms_per_step" (the collectives of a
+   step, median: the gradient allreduce, the mask + statistics allreduce and the
+   allgather of the statistics' names), "allreduce_share" (of the median step),
    "bytes_per_step" (derivative bytes each rank sends into the allreduce),
    "peak_rss_mb_per_rank": [...], "load_avg"}
 
@@ -62,6 +63,12 @@ class TimedComm:
         self.seconds += time.perf_counter() - t0
         return out
 
+    def allgather_bytes(self, data):
+        t0 = time.perf_counter()
+        out = self.inner.allgather_bytes(data)
+        self.seconds += time.perf_counter() - t0
+        return out
+
 
 def backend_is_gpu(buf):
     return type(buf).__module__.startswith('cupy')
@@ -101,8 +108,6 @@ def worker(args):
         t0 = time.perf_counter()
         cnn_train_dag(net, imdb, get_batch, exp_dir=d, batch_size=args.batch, num_epochs=1, learning_rate=0.01,
                       plot_statistics=False, continue_=False, comm=comm, gpus=args.gpus, log=log, prefetch=True)
-        if comm.rank != 0:  # the others' progress is not logged: time their steps by their comm clock
-            pass
     from pydagnn.gradsync import GradBuffer
     nbytes = GradBuffer(net).bytes_per_step
     rss = np.array([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0])

@@ -35,8 +35,8 @@ from pydagnn.io.checkpoint import CheckpointWriteError
 from pydagnn.io.imdb import load_imdb, synth_imdb
 from pydagnn.io.tmpfiles import clean_stale
 from pydagnn.models import MODEL_TYPES, build
-from pydagnn.launch import LaunchError, relaunch_under_mpi, under_launcher
-from pydagnn.parallel import DEFAULT_TIMEOUT, make_comm
+from pydagnn.launch import LaunchError, env_rank, relaunch_under_mpi, under_launcher
+from pydagnn.parallel import DEFAULT_TIMEOUT, CommError, make_comm
 from pydagnn.runlock import ExpDirError, RunLockError
 from pydagnn.train import cnn_train_dag, train_opts_kwargs
 
@@ -113,7 +113,17 @@ def main(argv=None):
     demo = args.imdb is None
     if args.demo_size and not demo:
         raise SystemExit('cnn_imagenet64: --demo-size applies only without --imdb')
-    comm = make_comm('auto', args.gpus, args.comm_timeout)  # 'single' unless started by mpiexec/srun
+    try:
+        comm = make_comm('auto', args.gpus, args.comm_timeout)  # 'single' unless started by mpiexec/srun
+    except CommError as e:
+        if env_rank() == 0:  # one line, not one per rank
+            print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(2)
+    if len(args.gpus) > 1 and comm.size != len(args.gpus):
+        if comm.rank == 0:
+            print(f'error: --gpus names {len(args.gpus)} GPUs but this job has {comm.size} rank(s); start one '
+                  f'rank per GPU: mpiexec -n {len(args.gpus)} python -m mpi4py {sys.argv[0]} ...', file=sys.stderr)
+        raise SystemExit(2)
     if demo and comm.rank == 0:
         demo_imdb_path(*(args.demo_size or ()))  # rank 0 generates the demo imdb, the others wait
     comm.barrier()

@@ -14,7 +14,7 @@ import sys
 
 from .parallel import launched_world_size
 
-__all__ = ['mpiexec_path', 'under_launcher', 'launch_command', 'relaunch_under_mpi', 'LaunchError']
+__all__ = ['mpiexec_path', 'under_launcher', 'env_rank', 'launch_command', 'relaunch_under_mpi', 'LaunchError']
 
 
 class LaunchError(RuntimeError):
@@ -36,6 +36,15 @@ def under_launcher(environ=None):
     env = os.environ if environ is None else environ
     return launched_world_size(env) > 1 or any(k in env for k in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK',
                                                                   'PMIX_RANK')) or 'mpi4py.MPI' in sys.modules
+
+
+def env_rank(environ=None):
+    """This process's rank as the launcher's environment gives it (0 when none)."""
+    env = os.environ if environ is None else environ
+    for key in ('PMI_RANK', 'OMPI_COMM_WORLD_RANK', 'PMIX_RANK', 'SLURM_PROCID'):
+        if env.get(key, '').strip().isdigit():
+            return int(env[key])
+    return 0
 
 
 def launch_command(n, script, argv, mpiexec=None, python=None):

@@ -26,6 +26,7 @@ def test_under_launcher_reads_the_environment():
     assert launch.under_launcher({'PMI_SIZE': '2', 'PMI_RANK': '1'})
     assert launch.under_launcher({'OMPI_COMM_WORLD_RANK': '0'})
     assert launch.under_launcher({'SLURM_STEP_NUM_TASKS': '4', 'SLURM_PROCID': '0'})
+    assert launch.env_rank({'PMI_RANK': '3'}) == 3 and launch.env_rank({}) == 0
 
 
 def test_relaunch_without_mpi4py_says_how_to_install(monkeypatch):
