@@ -12,9 +12,10 @@ trains one epoch of the reduced GM-SOP of the demo (``examples/cnn_imagenet64.py
 Rank 0 prints::
 
   {"kind": "train", "ranks", "comm", "batch", "images", "steps", "images_per_s" (after
-   the first 2 steps), "step_s_median", "allreduce_ms_per_step" (the collectives of a
-   step, median: the gradient allreduce, the mask + statistics allreduce and the
-   allgather of the statistics' names), "allreduce_share" (of the median step),
+   the first 2 steps), "step_s_median", "allreduce_ms_per_step" (the gradient and the
+   mask + statistics allreduces of a step, median: the ranks are already in step there,
+   so this is the transfer), "wait_ms_per_step" (the step's first collective, the
+   allgather of the statistics' names, where the faster rank waits for the slower), "allreduce_share" (of the median step),
    "bytes_per_step" (derivative bytes each rank sends into the allreduce),
    "peak_rss_mb_per_rank": [...], "load_avg"}
 
@@ -42,6 +43,7 @@ class TimedComm:
     def __init__(self, comm):
         self.inner = comm
         self.seconds = 0.0
+        self.wait = 0.0   # in the first collective of a step: where a rank waits for the slower one
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -66,7 +68,7 @@ class TimedComm:
     def allgather_bytes(self, data):
         t0 = time.perf_counter()
         out = self.inner.allgather_bytes(data)
-        self.seconds += time.perf_counter() - t0
+        self.wait += time.perf_counter() - t0
         return out
 
 
@@ -97,11 +99,13 @@ def worker(args):
                 topk=2, gating_widths=(32, 16), cm_widths=(32, 16), average_image=imdb.meta.rgbMean)
     steps = []
     marks = []
+    waits = []
 
     def log(line):
         if line.startswith('train:') and ' Hz' in line:
             steps.append(time.perf_counter())
             marks.append(comm.seconds)
+            waits.append(comm.wait)
 
     import tempfile
     with tempfile.TemporaryDirectory() as d:
@@ -118,6 +122,7 @@ def worker(args):
         return
     t = np.diff(np.r_[t0, steps])
     a = np.diff(np.r_[0.0, marks])
+    w = np.diff(np.r_[0.0, waits])
     skip = 2 if t.size > 4 else 0
     step = float(np.median(t[skip:]))
     ar = float(np.median(a[skip:]))
@@ -127,6 +132,7 @@ def worker(args):
                       'images': n_img, 'steps': int(t.size),
                       'images_per_s': round(per_step * (t.size - skip) / float(t[skip:].sum()), 2),
                       'step_s_median': round(step, 4), 'allreduce_ms_per_step': round(ar * 1e3, 3),
+                      'wait_ms_per_step': round(float(np.median(w[skip:])) * 1e3, 3),
                       'allreduce_share': round(ar / step, 4), 'bytes_per_step': int(nbytes),
                       'peak_rss_mb_per_rank': [round(float(v), 1) for v in all_rss],
                       'load_avg': os.getloadavg()[0]}), flush=True)
