@@ -30,13 +30,13 @@ GM = dict(kind='gm', batch=10, n=30, lr=0.01)   # no 1-image BN batch in the sma
 BN = dict(kind='bn', batch=8, n=25, lr=0.05)    # 25 = 3 x 8 + 1: the last batch has one image
 
 
-def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=120, sync_bn=False):
-    """Run ``job`` on 2 ranks; returns (CompletedProcess, [rank 0 record, rank 1 record])."""
+def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=120, sync_bn=False, n=2):
+    """Run ``job`` on ``n`` ranks; returns (CompletedProcess, [rank 0 record, ...])."""
     assert os.path.exists(MPIEXEC), f'no mpiexec beside {sys.executable}: pip install -e ".[dist]"'
     out = tmp / f'out-{time.monotonic_ns()}'
     out.mkdir()
     exp = exp or tmp / 'exp-mpi'
-    cmd = [MPIEXEC, '-n', '2', sys.executable, '-m', 'mpi4py', WORKER, '--kind', job['kind'],
+    cmd = [MPIEXEC, '-n', str(n), sys.executable, '-m', 'mpi4py', WORKER, '--kind', job['kind'],
            '--subs', str(subs), '--epochs', str(epochs), '--batch', str(job['batch']), '--n', str(job['n']),
            '--lr', str(job['lr']), '--exp', str(exp), '--out', str(out), '--timeout', str(timeout)]
     if fault:
@@ -44,7 +44,7 @@ def ranks(tmp, job, subs, epochs=2, exp=None, fault=None, timeout=20.0, limit=12
     if sync_bn:
         cmd += ['--sync-bn']
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-    recs = [dict(np.load(out / f'rank{r}.npz')) for r in range(2) if (out / f'rank{r}.npz').exists()]
+    recs = [dict(np.load(out / f'rank{r}.npz')) for r in range(n) if (out / f'rank{r}.npz').exists()]
     return proc, recs
 
 
@@ -87,6 +87,40 @@ def test_two_ranks_equal_one_process_bit_for_bit(tmp_path, job, subs):
         np.testing.assert_allclose(recs[0][k], ref[k], rtol=1e-6, err_msg=k)
     if job['kind'] == 'gm':
         np.testing.assert_allclose(recs[0]['s:train:BalanceLoss'], ref['s:train:BalanceLoss'], rtol=1e-12)
+
+
+def test_four_ranks_equal_one_process_bit_for_bit(tmp_path):
+    """4 ranks x 1 == 1 process x 4 (the last batch, 1 image, leaves 3 ranks without
+    images); the pairwise allreduce that makes this hold for any data is checked by
+    test_exact_allreduce_finishes_the_canonical_tree."""
+    proc, recs = ranks(tmp_path, BN, 1, n=4, limit=180)
+    assert proc.returncode == 0, proc.stderr
+    assert len(recs) == 4
+    ref = single(tmp_path, BN, 4)
+    for rec in recs:
+        assert_same_params(rec, ref)
+    assert [int(r['saves']) for r in recs] == [2, 0, 0, 0]
+
+
+PAIRWISE = """
+import numpy as np
+from pydagnn.parallel import MPIComm
+c = MPIComm(timeout=20)
+v = np.array([[1e16, 1.0, -1e16, 1.0][c.rank]] * 3)
+exact = c.allreduce(v.copy(), 'sum', exact=True)
+print('rank', c.rank, exact[0], flush=True)
+"""
+
+
+def test_exact_allreduce_finishes_the_canonical_tree():
+    """4 ranks holding T(r, 4) = 1e16, 1, -1e16, 1: the tree adds (r0 + r2) + (r1 + r3) = 2
+    on every rank; a reduction in rank order ((1e16 + 1) - 1e16 + 1) would give 1, and
+    recursive doubling by neighbours 0."""
+    proc = subprocess.run([MPIEXEC, '-n', '4', sys.executable, '-c', PAIRWISE], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith('rank'))
+    assert got == [[str(r), '2.0'] for r in range(4)], proc.stdout
 
 
 def test_uneven_last_batch_leaves_a_rank_without_images():
