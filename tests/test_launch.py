@@ -47,3 +47,22 @@ def test_cli_gpus_without_mpi_is_one_error_line(tmp_path):
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith('error: ') and 'mpiexec -n 2' in lines[0], p.stderr
+
+
+def test_cli_gpus_starts_its_ranks_through_the_venv_mpiexec(tmp_path):
+    """--gpus 0 1 without mpiexec starts 2 ranks through the mpiexec beside this Python;
+    without CuPy here each rank then stops with the NCCL error (rank 0 says it once)."""
+    pytest.importorskip('mpi4py', reason="needs mpi4py (pip install -e '.[dist]')")
+    from pydagnn import backend
+    if backend.gpu_available():
+        pytest.skip('with a GPU the ranks would train: this checks the launch on a CPU machine')
+    env = dict(os.environ, PYDAGNN_CACHE=str(tmp_path))
+    for k in ('PMI_SIZE', 'PMI_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_RANK', 'PMIX_RANK'):
+        env.pop(k, None)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'examples', 'cnn_imagenet64.py'), '--gpus', '0', '1',
+                        '--exp-dir', str(tmp_path / 'exp')], capture_output=True, text=True, env=env, timeout=120)
+    mpiexec = os.path.join(os.path.dirname(sys.executable), 'mpiexec')
+    assert f'pydagnn: starting 2 ranks: {mpiexec} -n 2 {sys.executable} -m mpi4py' in p.stdout, p.stdout
+    assert p.returncode == 2, p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'NCCL' in errors[0], p.stderr
