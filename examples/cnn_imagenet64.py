@@ -12,6 +12,11 @@
     # the original's 10-image example file
     python examples/cnn_imagenet64.py --imdb ../shared/data/imdb_fake.mat --epochs 1
 
+    # data parallel (pip install -e '.[dist]'): 4 GPUs, one rank each (rank r uses gpus[r]);
+    # 2 CPU ranks; --gpus 0 1 alone starts its ranks through the venv's mpiexec
+    .venv/bin/mpiexec -n 4 python -m mpi4py examples/cnn_imagenet64.py --gpus 0 1 2 3 --imdb imdb.mat
+    .venv/bin/mpiexec -n 2 python -m mpi4py examples/cnn_imagenet64.py
+
 Checkpoints ``net-epoch-N.mat``, ``net-train.pdf``/``.png`` go to ``--exp-dir``
 (default ``data/<model folder name>``, as the original's ``expDir/net.meta.opt``); running
 the same command again resumes after the last complete checkpoint (``--no-continue``
@@ -32,6 +37,10 @@ import numpy as np
 
 from pydagnn.cli import ArgumentParser, Interrupted, UsageError, add_debug_flag, check_gpus, run_main
 from pydagnn.models import MODEL_TYPES
+
+#: seconds a rank waits for the others (pydagnn.parallel.DEFAULT_TIMEOUT; a test keeps them
+#: equal, so that --help need not import the communicators)
+DEFAULT_COMM_TIMEOUT = 300.0
 
 #: the generated imdb and the reduced model used when no --imdb is given
 DEMO_IMDB = dict(num_train=3000, num_val=600, num_classes=20, size=32, noise=48.0, seed=0)
@@ -94,7 +103,14 @@ def make_parser():
     p.add_argument('--imdb', help='imdb.mat (MATLAB v7 or v7.3); default: a generated demo imdb and a '
                                   'reduced model')
     p.add_argument('--exp-dir', help='checkpoints and plots (default data/<model folder name>)')
-    p.add_argument('--gpus', type=int, nargs='*', default=[], help='e.g. --gpus 0 (one GPU)')
+    p.add_argument('--gpus', type=int, nargs='*', default=[],
+                   help='e.g. --gpus 0 (one GPU); --gpus 0 1 2 3: one MPI rank per GPU (started through '
+                        'the venv\'s mpiexec when not run under mpiexec/srun)')
+    p.add_argument('--sync-bn', action='store_true',
+                   help='data parallel: BN moments and the Balance_loss sums over all ranks (default: per rank)')
+    p.add_argument('--comm-timeout', type=float, default=DEFAULT_COMM_TIMEOUT,
+                   help=f'seconds a rank waits for the others before ending the job '
+                        f'(default {DEFAULT_COMM_TIMEOUT:g})')
     p.add_argument('--batch-size', type=int, help="default the model's (256; WRN 150; demo 64)")
     p.add_argument('--epochs', type=int, help='default the length of the learning-rate schedule')
     p.add_argument('--lr', type=float, nargs='+',
@@ -140,7 +156,6 @@ def check_args(args):
     if args.batch_size is not None and args.num_sub_batches > args.batch_size:
         raise UsageError(f'--num-sub-batches {args.num_sub_batches}: more than --batch-size '
                          f'{args.batch_size}')
-    check_gpus(args.gpus)
 
 
 def check_imdb(imdb, path, num_classes):
@@ -243,16 +258,63 @@ def print_results(stats, num_classes, seconds):
           flush=True)
 
 
+def start_ranks(args, argv):
+    """The communicator of this process (``single`` unless started by mpiexec/srun).
+    ``--gpus`` naming several GPUs outside a launcher starts one rank per GPU through the
+    venv's mpiexec (as MatConvNet's ``gpus`` option opened its pool) and exits with its
+    status. A mistake ends the job with one ``error:`` line from rank 0 (:func:`job_error`)."""
+    from pydagnn.launch import LaunchError, env_rank, relaunch_under_mpi, under_launcher
+    from pydagnn.parallel import CommError, make_comm
+    if len(args.gpus) > 1 and not under_launcher():
+        try:
+            raise SystemExit(relaunch_under_mpi(len(args.gpus), __file__, sys.argv[1:] if argv is None else argv))
+        except LaunchError as e:
+            raise UsageError(str(e)) from None
+    try:
+        comm = make_comm('auto', args.gpus, args.comm_timeout)
+    except CommError as e:
+        job_error(env_rank(), 2, e)
+    if len(args.gpus) > 1 and comm.size != len(args.gpus):
+        job_error(comm.rank, comm.size, f'--gpus names {len(args.gpus)} GPUs but this job has {comm.size} rank(s); start '
+                             f'one rank per GPU: mpiexec -n {len(args.gpus)} python -m mpi4py {sys.argv[0]} ...')
+    try:
+        check_gpus(args.gpus)
+    except UsageError as e:
+        job_error(comm.rank, comm.size, e)
+    return comm
+
+
+def job_error(rank, size, message):
+    """A mistake: a :class:`~pydagnn.cli.UsageError` in a single process; in a job of
+    ``size`` ranks, the end of every rank: rank 0 prints the one ``error:`` line (the
+    other ranks stay quiet, so the job prints it once) and all exit with status 2. Under
+    ``python -m mpi4py`` a non-zero exit aborts the whole job at once, so the other ranks
+    give rank 0 a moment to print before they go."""
+    if size <= 1:
+        raise UsageError(str(message))
+    if rank == 0:
+        print(f'error: {message}', file=sys.stderr, flush=True)
+    else:
+        time.sleep(1.0)
+    raise SystemExit(2)
+
+
 def main(argv=None):
     """Train as the module docstring says; returns ``(net, stats)``. Raises
     :class:`~pydagnn.cli.UsageError` for a mistake in the flags or the imdb."""
     args = parse_args(argv)
     check_args(args)
+    comm = start_ranks(args, argv)
     from pydagnn.data import get_batch
     from pydagnn.train import format_schedule
     t_start = time.perf_counter()
     demo = args.imdb is None
+    if demo and comm.rank == 0:
+        demo_imdb_path(*(args.demo_size or ()))  # rank 0 generates the demo imdb, the others wait
+    comm.barrier()
     imdb_path = demo_imdb_path(*(args.demo_size or ())) if demo else args.imdb
+    if comm.rank != 0:  # rank 0 prints; the others stay quiet
+        sys.stdout = open(os.devnull, 'w')
     imdb = load_imdb(imdb_path)
     try:
         labels = np.asarray(imdb.images.labels).reshape(-1)
@@ -271,7 +333,8 @@ def main(argv=None):
             net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir=exp_dir, gpus=args.gpus,
                                        continue_=not args.no_continue, random_seed=args.seed,
                                        prefetch=not args.no_prefetch,
-                                       plot_statistics=not args.no_plot, **opts)
+                                       plot_statistics=not args.no_plot, comm=comm,
+                                       sync_bn=args.sync_bn, **opts)
         except KeyboardInterrupt:
             _remove_if_unused(created, exp_dir)
             raise Interrupted(resume_note(exp_dir)) from None

@@ -21,7 +21,7 @@ from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
 from pydagnn.layers._common import first_value
 
-__all__ = ['balance_loss_forward', 'balance_loss_backward', 'Balance_loss']
+__all__ = ['balance_loss_forward', 'balance_loss_forward_synced', 'balance_loss_backward', 'Balance_loss']
 
 
 def balance_loss_forward(s, loss_weight=100):
@@ -31,11 +31,26 @@ def balance_loss_forward(s, loss_weight=100):
     K = s.shape[0]
     if K < 2:
         raise ValueError(f'Balance_loss: needs at least 2 CMs, got {K}')
-    w_sum = s.sum(axis=1, keepdims=True)
+    return _from_w_sum(s.sum(axis=1, keepdims=True), loss_weight, s.dtype)
+
+
+def _from_w_sum(w_sum, loss_weight, dtype):
     m = w_sum.mean()
-    rsd = (w_sum.std(ddof=1) / m).reshape(1, 1).astype(s.dtype, copy=False)
-    loss = (loss_weight * rsd * rsd).astype(s.dtype, copy=False)
+    rsd = (w_sum.std(ddof=1) / m).reshape(1, 1).astype(dtype, copy=False)
+    loss = (loss_weight * rsd * rsd).astype(dtype, copy=False)
     return loss, rsd, w_sum
+
+
+def balance_loss_forward_synced(s, loss_weight, batch_sum):
+    """:func:`balance_loss_forward` of the whole data-parallel batch: the K per-CM sums
+    of this rank's images are summed over the ranks by ``batch_sum`` (a function on a
+    (K,) array) first, so every rank gets the loss of the global batch; the backward
+    (:func:`balance_loss_backward` with the returned ``rsd``, ``w_sum``) then gives this
+    rank's images their share of its derivative."""
+    if s.ndim != 2 or s.shape[0] < 2:
+        raise ValueError(f'Balance_loss: expected the K x N gating weights (K >= 2), got shape {s.shape}')
+    w_sum = batch_sum(s.sum(axis=1)).reshape(-1, 1)
+    return _from_w_sum(w_sum, loss_weight, s.dtype)
 
 
 def balance_loss_backward(s, loss_weight=100, rsd=None, w_sum=None):
@@ -70,6 +85,8 @@ class Balance_loss(Layer):
     def forward(self, inputs, params):
         g = inputs[0]
         s = g[0] if isinstance(g, (tuple, list)) else g
+        if self.batch_synced and self.mode != 'test':
+            return [balance_loss_forward_synced(s, self._w(), self.batch_sum)]
         return [balance_loss_forward(s, self._w())]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
@@ -78,6 +95,8 @@ class Balance_loss(Layer):
         rsd = w_sum = None
         if outputs is not None and outputs[0] is not None:
             _, rsd, w_sum = outputs[0]
+        elif self.batch_synced and self.mode != 'test':
+            _, rsd, w_sum = balance_loss_forward_synced(s, self._w(), self.batch_sum)
         return [balance_loss_backward(s, self._w(), rsd, w_sum)], []
 
     def get_output_sizes(self, input_sizes):

@@ -29,13 +29,13 @@ formulas as per-plane fused reductions and one elementwise pass each (the kernel
 """
 import numpy as np
 
-from pydagnn.backend import is_gpu_array
+from pydagnn.backend import get_array_module, is_gpu_array
 from pydagnn.layer import Layer, property_ints, register
 from pydagnn.layers._common import as4d, dy_like, first_value
 from pydagnn.layers.kernels import bnorm_gpu as _kb
 
 __all__ = ['bnorm_moments', 'bnorm_forward', 'bnorm_backward', 'bnorm_backward_fixed_moments',
-           'BatchNorm']
+           'bnorm_forward_synced', 'bnorm_backward_synced', 'BatchNorm']
 
 
 def _check(x, g, b, moments, op):
@@ -305,6 +305,56 @@ def _bnorm_backward_fixed_moments_gpu(x, g, b, dy, moments):
     return dx3.reshape(N, C, *x.shape[1::-1]).T, dg.reshape(g.shape), db.reshape(b.shape)
 
 
+# ---------------------------------------------------------------------------- synced (--sync-bn)
+def _synced_stats(x, epsilon, batch_sum):
+    """Moments of the whole data-parallel batch (``batch_sum`` sums a small array over the
+    ranks): the count and per-channel sums first, the mean, then the squared deviations
+    from it (two passes, as the local statistics). Returns ``(mu, sigma, xm, M)``."""
+    xp = get_array_module(x)
+    x3 = _ncm(x)
+    dt = x.dtype
+    C = x.shape[2]
+    first = batch_sum(xp.concatenate([x3.sum(axis=(0, 2)), xp.full(1, x3.shape[0] * x3.shape[2], dtype=dt)]))
+    M = first[C]
+    if float(M) == 0:
+        raise ValueError(f'bnorm: batch statistics of an empty batch on every rank (x shape {x.shape})')
+    mu = first[:C] / M
+    xm = x3 - mu[:, None]
+    var = batch_sum((xm * xm).sum(axis=(0, 2))) / M
+    return mu, xp.sqrt(var + dt.type(epsilon)), xm, M
+
+
+def bnorm_forward_synced(x, g, b, epsilon, batch_sum):
+    """:func:`bnorm_forward` with the moments of the whole data-parallel batch (sync mode;
+    one path, ``xp`` code, for both devices). Returns ``(y, moments)``."""
+    x = _check(x, g, b, None, 'bnorm_forward_synced')
+    xp = get_array_module(x)
+    C, dt = x.shape[2], x.dtype
+    mu, sigma, xm, _ = _synced_stats(x, epsilon, batch_sum)
+    y3 = xm * (_channels(g, C, dt) / sigma)[:, None] + _channels(b, C, dt)[:, None]
+    return xp.asfortranarray(_back(y3, x.shape)), xp.stack([mu, sigma], axis=1)
+
+
+def bnorm_backward_synced(x, g, b, dy, epsilon, batch_sum):
+    """The derivative of :func:`bnorm_forward_synced`: the per-channel sums of ``dy`` and
+    ``dy * (x - mu)`` over the whole batch enter dx; dg, db are this rank's shares (the
+    gradient allreduce adds them up). Returns ``(dx, dg, db, moments)``."""
+    x = _check(x, g, b, None, 'bnorm_backward_synced')
+    dy = dy_like(x, dy, 'bnorm_backward_synced')
+    xp = get_array_module(x)
+    C, dt = x.shape[2], x.dtype
+    dy3 = _ncm(dy.astype(dt, copy=False))
+    mu, sigma, xm, M = _synced_stats(x, epsilon, batch_sum)
+    db = dy3.sum(axis=(0, 2))
+    dg = (dy3 * xm).sum(axis=(0, 2)) / sigma
+    both = batch_sum(xp.concatenate([db, dg]))
+    G1 = _channels(g, C, dt) / sigma
+    G2 = G1 * both[C:] / (M * sigma)
+    dx3 = G1[:, None] * (dy3 - (both[:C] / M)[:, None]) - G2[:, None] * xm
+    return (xp.asfortranarray(_back(dx3, x.shape)), dg.reshape(g.shape), db.reshape(b.shape),
+            xp.stack([mu, sigma], axis=1))
+
+
 @register('dagnn.BatchNorm')
 class BatchNorm(Layer):
     """``dagnn.BatchNorm``: inputs [x], params [g, b, moments], outputs [y].
@@ -343,6 +393,8 @@ class BatchNorm(Layer):
         g, b, m = params[0], params[1], params[2]
         if self.mode == 'test':
             y, _ = bnorm_forward(x, g, b, moments=m, epsilon=self._eps(), test_mode=True)
+        elif self.batch_synced:
+            y, _ = bnorm_forward_synced(x, g, b, self._eps(), self.batch_sum)
         else:
             y, _ = bnorm_forward(x, g, b, epsilon=self._eps())
         return [y]
@@ -354,7 +406,10 @@ class BatchNorm(Layer):
         if self.mode == 'test':
             dx, dg, db = bnorm_backward_fixed_moments(x, g, b, dy, m)
             return [dx], [dg, db, None]
-        dx, dg, db, mom = bnorm_backward(x, g, b, dy, epsilon=self._eps())
+        if self.batch_synced:
+            dx, dg, db, mom = bnorm_backward_synced(x, g, b, dy, self._eps(), self.batch_sum)
+        else:
+            dx, dg, db, mom = bnorm_backward(x, g, b, dy, epsilon=self._eps())
         n = x.shape[3] if x.ndim == 4 else 1
         dm = (mom * x.dtype.type(n)).reshape(m.shape, order='F')
         return [dx], [dg, db, dm]

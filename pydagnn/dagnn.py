@@ -125,6 +125,9 @@ class DagNN:
         self.conserve_memory = True
         self.accumulate_param_ders = False
         self.rng = np.random.default_rng(seed)
+        #: None, or a function summing a small array over the ranks of a data-parallel
+        #: step (the trainer sets it in sync mode; read through ``Layer.batch_sum``)
+        self.batch_reducer = None
         self.device = 'cpu'
         self.computing_derivative = False
         self._order = None

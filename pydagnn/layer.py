@@ -115,6 +115,7 @@ class BlockContext:
         self.mode = mode
         self.rng = rng if rng is not None else np.random.default_rng(0)
         self.conserve_memory = conserve_memory
+        self.batch_reducer = None
 
 
 class Layer:
@@ -197,6 +198,17 @@ class Layer:
     @property
     def rng(self):
         return self.ctx.rng
+
+    @property
+    def batch_synced(self):
+        """True when batch statistics are summed over data-parallel ranks (``--sync-bn``)."""
+        return self.ctx.batch_reducer is not None
+
+    def batch_sum(self, a):
+        """``a`` summed over the ranks of a data-parallel step when the net has a
+        ``batch_reducer`` (sync mode: BN moments, Balance_loss's w_sum), else ``a``."""
+        reducer = self.ctx.batch_reducer
+        return a if reducer is None else reducer(a)
 
     # -- computation -------------------------------------------------------
     def forward(self, inputs, params):

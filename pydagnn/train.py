@@ -3,10 +3,12 @@
     net, stats = cnn_train_dag(net, imdb, get_batch, exp_dir='exp', batch_size=256,
                                num_epochs=60, learning_rate=[0.1] * 40 + [0.01] * 20)
 
-Per epoch ``e`` (1-based): the random generators are seeded from ``e + random_seed``
-(train and val orders shuffled, the flips of every batch, ``net.rng`` for dropout and
-the gating noise), so a run resumed from a checkpoint continues exactly as the
-uninterrupted run; the learning rate is ``learning_rate[min(e, len) - 1]``. Training
+Per epoch ``e`` (1-based): the random generators are seeded from ``e + random_seed``:
+the train and val orders, and for every sub-batch ``g`` of batch ``b`` the flips and
+``net.rng`` (dropout, the H_x noise, gating ties), keyed by ``(seed, phase, b, g)`` rather
+than drawn in sequence, so a run resumed from a checkpoint continues exactly as the
+uninterrupted run and N data-parallel ranks give the bits of one process (see
+:mod:`pydagnn.gradsync` and docs/parallel.md); the learning rate is ``learning_rate[min(e, len) - 1]``. Training
 runs in batches of ``batch_size`` (the last one smaller), each optionally split into
 ``num_sub_batches`` interleaved sub-batches whose derivatives are summed, in 'normal'
 mode with ``der_outputs`` ({'objective': 1}); then :func:`accumulate_gradients` applies
@@ -44,6 +46,7 @@ Differences from the original, on purpose:
     :class:`~pydagnn.io.checkpoint.CheckpointWriteError` naming the file, the previous
     checkpoint untouched.
 """
+import contextlib
 import math
 import os
 import time
@@ -53,6 +56,9 @@ import numpy as np
 from . import backend, finite
 from .data import get_batch as default_get_batch, imdb_field, make_loader
 from .runlock import open_exp_dir
+from .gradsync import GradBuffer, broadcast_params, params_checksum
+from .parallel import DEFAULT_TIMEOUT, make_comm
+from .stepstats import global_stats, local_vector, loss_blocks, stat_names
 from .io.checkpoint import (CheckpointError, adopt_order, checkpoint_path, find_last_checkpoint,  # noqa: F401
                             load_checkpoint, resume_last, save_checkpoint)
 
@@ -212,6 +218,36 @@ def _indices(x, default):
     return a.astype(np.int64)
 
 
+def _gpu_list(gpus):
+    if gpus is None:
+        return []
+    if isinstance(gpus, (int, np.integer)):
+        return [int(gpus)]
+    return [int(g) for g in gpus]
+
+
+def _batch_reducer(comm):
+    """``Layer.batch_sum`` in sync mode: a small array summed over the ranks."""
+    def reduce(a):
+        xp = backend.get_array_module(a)
+        flat = xp.array(a.reshape(-1), copy=True)
+        return comm.allreduce(flat, 'sum').reshape(a.shape)
+    return reduce
+
+
+def _check_replicas(net, comm, epoch):
+    """Stop the run when the replicas' params differ (a checksum per epoch)."""
+    if comm.size == 1:
+        return
+    h = params_checksum(net)
+    buf = np.array([h, -h], dtype=np.int64)
+    comm.where = f'at the end of epoch {epoch} (replica checksum)'
+    comm.allreduce(buf, 'max')
+    if buf[0] != -buf[1]:
+        raise RuntimeError(f'the replicas of the params differ after epoch {epoch} (checksum {h:#x} on '
+                           f'rank {comm.rank}); the ranks did not apply the same updates')
+
+
 def _call_get_batch(get_batch, imdb, idx, mode, seed):
     return get_batch(imdb, idx, mode=mode, rng=np.random.default_rng(seed))
 
@@ -232,7 +268,8 @@ def use_gpu(index):
 def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub_batches=1, num_epochs=None,
                   learning_rate=0.001, weight_decay=1e-4, momentum=0.9, nesterov=False, der_outputs=None,
                   train=None, val=None, gpus=(), continue_=True, random_seed=0, prefetch=True,
-                  save_momentum=True, plot_statistics=True, conserve_memory=True, log=None):
+                  save_momentum=True, plot_statistics=True, conserve_memory=True, log=None, comm='auto',
+                  comm_timeout=DEFAULT_TIMEOUT, sync_bn=False):
     """Train ``net`` on ``imdb`` (see the module docstring). Returns ``(net, stats)``
     with ``stats = {'train': [dict per epoch], 'val': [...]}``; each dict holds ``num``
     (images), ``time`` (seconds, the original's measure that discounts the first
@@ -245,14 +282,29 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
     empty list for none; with no training images nothing is trained or saved).
     learning_rate: a number or a per-epoch list. num_epochs: default the list's length.
     gpus: e.g. ``[0]`` to train on the GPU (``net.move('gpu')``, the SGD state on the GPU
-    too; one GPU only, the current CuPy device); the net is moved back to the CPU at the end.
+    too); several, one per MPI rank (rank r uses ``gpus[r]``); the net is moved back to the
+    CPU at the end.
     continue_: resume after the last complete checkpoint in ``exp_dir``; the returned net
     is then the one loaded from it. prefetch: prepare the next batch on a background
     thread. log: a function taking one line (default: print to stdout, flushed).
+    comm: 'auto' | 'single' | 'mpi' | 'nccl' or a communicator (:mod:`pydagnn.parallel`);
+    'auto' is data-parallel when started by ``mpiexec``/``srun`` with several ranks: rank
+    ``r`` trains on ``gpus[r]`` (or the CPU), takes sub-batches ``g = s * N + r`` of each
+    batch, the derivatives and statistics are summed over the ranks, rank 0 alone logs
+    and writes. comm_timeout: seconds a rank waits for the others before ending the job.
+    sync_bn: False ('local', the original's multi-GPU statistics: BN moments and the
+    Balance_loss w_sum per rank and sub-batch) or True ('sync': both summed over the ranks
+    for each sub-batch s, weighted by the images of each rank; a step where some rank has
+    no images runs local, since that rank has nothing to evaluate).
     """
+    gpus = _gpu_list(gpus)
+    comm = make_comm(comm, gpus, comm_timeout)
     if log is None:
         def log(line):
             print(line, flush=True)
+    if comm.rank != 0:
+        def log(line):  # rank 0 prints the global progress
+            pass
     lrs = _lr_list(learning_rate)
     if num_epochs is None:
         if np.ndim(learning_rate) == 0:
@@ -266,31 +318,28 @@ def cnn_train_dag(net, imdb, get_batch=None, *, exp_dir, batch_size=256, num_sub
                          'must be positive')
     der_outputs = {'objective': 1.0} if der_outputs is None else der_outputs
     get_batch = default_get_batch if get_batch is None else get_batch
-    if gpus is None:
-        gpus = []
-    elif isinstance(gpus, (int, np.integer)):
-        gpus = [int(gpus)]
-    else:
-        gpus = list(gpus)
-    if len(gpus) > 1:
-        raise NotImplementedError('cnn_train_dag: training on several GPUs is not supported; give one')
+    if len(gpus) > 1 and len(gpus) != comm.size:
+        raise ValueError(f'cnn_train_dag: gpus={gpus} names {len(gpus)} GPUs, but this job has {comm.size} '
+                         f'rank(s); start one process per GPU: '
+                         f'mpiexec -n {len(gpus)} python -m mpi4py <script> (rank r uses gpus[r])')
     sets = np.asarray(imdb_field(imdb, 'images', 'set')).reshape(-1)
     train = _indices(train, np.nonzero(sets == 1)[0])
     val = _indices(val, np.nonzero(sets == 2)[0])
     evaluate_mode = train.size == 0
     if not evaluate_mode and not der_outputs:
         raise ValueError('cnn_train_dag: der_outputs must be given when training')
-    # writable, locked for this run, our stale temp files removed (pydagnn.runlock)
-    with open_exp_dir(exp_dir, log):
+    # writable, locked for this run, our stale temp files removed (pydagnn.runlock); in a
+    # data-parallel run rank 0, the only writer, holds the lock for the job
+    with open_exp_dir(exp_dir, log) if comm.rank == 0 else contextlib.nullcontext():
         return _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_mode, gpus,
                       continue_, random_seed, save_momentum, plot_statistics, conserve_memory, log,
                       dict(batch_size=batch_size, num_sub_batches=num_sub_batches, der_outputs=der_outputs,
                            momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                           prefetch=prefetch))
+                           prefetch=prefetch, sync_bn=bool(sync_bn)), comm)
 
 
 def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_mode, gpus, continue_,
-           random_seed, save_momentum, plot_statistics, conserve_memory, log, opts):
+           random_seed, save_momentum, plot_statistics, conserve_memory, log, opts, comm):
     """The epochs of :func:`cnn_train_dag`, once the experiment folder is held."""
     der_outputs = opts['der_outputs']
     state = {'momentum': {}}
@@ -312,9 +361,11 @@ def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_
     finite.keep_objectives(net, der_outputs)   # the objective survives conserve_memory for the check
     net.conserve_memory = bool(conserve_memory)
     if gpus:
-        use_gpu(gpus[0])
+        use_gpu(gpus[comm.rank] if len(gpus) > 1 else gpus[0])
         net.move('gpu')
         state['momentum'] = {k: backend.to_device(v, 'gpu') for k, v in state['momentum'].items()}
+    broadcast_params(net, comm)  # every replica starts from rank 0's values
+    grads = GradBuffer(net)
 
     for epoch in range(start + 1, num_epochs + 1):
         seed = epoch + int(random_seed)
@@ -322,19 +373,29 @@ def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_
         lr = lrs[min(epoch, len(lrs)) - 1]
         train_order = train[rng.permutation(train.size)]
         val_order = val[rng.permutation(val.size)]
-        net.rng = np.random.default_rng([seed, 1])
         last = {}
-        last['train'] = _process_epoch(net, state, imdb, get_batch, 'train', train_order, epoch, lr, seed, opts, log)
-        last['val'] = _process_epoch(net, state, imdb, get_batch, 'val', val_order, epoch, lr, seed, opts, log)
-        stats['train'].append(last['train'])
-        stats['val'].append(last['val'])
-        if not evaluate_mode:
-            t0 = time.perf_counter()
-            path = checkpoint_path(exp_dir, epoch)
-            save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last,
-                            previous=checkpoint_path(exp_dir, epoch - 1) if epoch > 1 else None)
-            log(f'cnn_train_dag: saved {path} ({time.perf_counter() - t0:.1f} s)')
-        if plot_statistics:
+        run = (net, state, imdb, get_batch)
+        try:
+            for split, order in (('train', train_order), ('val', val_order)):
+                last[split] = _process_epoch(*run, split, order, epoch, lr, seed, opts, log, comm, grads)
+            _check_replicas(net, comm, epoch)
+            stats['train'].append(last['train'])
+            stats['val'].append(last['val'])
+            comm.where = f'after epoch {epoch} (rank 0 writing the checkpoint)'
+            if not evaluate_mode and comm.rank == 0:
+                t0 = time.perf_counter()
+                path = checkpoint_path(exp_dir, epoch)
+                save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last,
+                                previous=checkpoint_path(exp_dir, epoch - 1) if epoch > 1 else None)
+                log(f'cnn_train_dag: saved {path} ({time.perf_counter() - t0:.1f} s)')
+        except Exception as e:
+            if comm.size == 1:
+                raise
+            import traceback
+            comm.abort(f'pydagnn: rank {comm.rank} of {comm.size} failed {comm.where}: '
+                       f'{type(e).__name__}: {e}\n{traceback.format_exc()}')
+        comm.barrier()  # the others wait while rank 0 writes
+        if plot_statistics and comm.rank == 0:
             from .plots import plot_stats
             try:
                 plot_stats(stats, os.path.join(exp_dir, 'net-train'), log=log)
@@ -345,19 +406,24 @@ def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_
     return net, stats
 
 
-def _batch_jobs(subset, batch_size, num_sub_batches, mode, seed):
-    """(list of batches, each a list of sub-batch jobs (indexes, mode, flip seed))."""
+def _batch_jobs(subset, batch_size, num_sub_batches, mode, seed, rank=0, world=1):
+    """This rank's share of the epoch: a list of batches, each a list of sub-batch jobs
+    ``(g, indexes, mode, flip seed)``.
+
+    A batch ``subset[t:t + batch_size]`` is split as MatConvNet splits it over labs:
+    ``W = world * num_sub_batches`` interleaved sub-batches, ``g = s * world + rank``
+    taking ``subset[t + g : end : W]``; the flips of sub-batch g are keyed by
+    ``(seed, 2, phase, batch, g)``, so they do not depend on ``world``."""
     batches = []
-    call = 0
     phase = 0 if mode == 'train' else 1
     n = subset.size
-    for t in range(0, n, batch_size):
+    total = world * num_sub_batches
+    for b, t in enumerate(range(0, n, batch_size)):
         end = min(t + batch_size, n)
         subs = []
         for s in range(num_sub_batches):
-            idx = subset[t + s:end:num_sub_batches]
-            subs.append((idx, mode, [seed, 2, phase, call]))
-            call += 1
+            g = s * world + rank
+            subs.append((g, subset[t + g:end:total], mode, [seed, 2, phase, b, g]))
         batches.append(subs)
     return batches
 
@@ -372,14 +438,21 @@ def _collect_block_stats(net, block_stats):
             acc[1] += 1
 
 
-def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, opts, log):
+def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, opts, log, comm, grads):
+    """One pass over ``subset`` on this rank (its sub-batches only); every batch's
+    derivatives and statistics are summed over the ranks before the update and the
+    progress line. Returns the epoch's global statistics."""
     bs = opts['batch_size']
-    batches = _batch_jobs(subset, bs, opts['num_sub_batches'], mode, seed)
-    jobs = [(imdb, idx, m, sd) for subs in batches for (idx, m, sd) in subs if idx.size]
+    num_subs = opts['num_sub_batches']
+    total_subs = num_subs * comm.size
+    phase = 0 if mode == 'train' else 1
+    batches = _batch_jobs(subset, bs, num_subs, mode, seed, comm.rank, comm.size)
+    jobs = [(imdb, idx, m, sd) for subs in batches for (_, idx, m, sd) in subs if idx.size]
 
     def fetch(imdb_, idx, m, sd):
         return _call_get_batch(get_batch, imdb_, idx, m, sd)
 
+    losses = loss_blocks(net)
     stats = {'num': 0, 'time': 0.0}
     block_stats = {}   # name -> [sum, count] of the layers' train_stats (Layer.train_stats)
     num = 0
@@ -391,37 +464,45 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
     loader = make_loader(jobs, fetch, prefetch=opts['prefetch'])
     try:
         for b, subs in enumerate(batches):
+            comm.where = f'at {mode} epoch {epoch} batch {b + 1}/{num_batches}'
             t = b * bs
             this_bs = min(bs, n - t)
             check = finite.StepCheck(net, opts['der_outputs'], epoch, b + 1)   # nothing read until done()
-            for s, (idx, _, _) in enumerate(subs):
+            if mode == 'train':
+                grads.start()
+            net.batch_reducer = _batch_reducer(comm) if (opts['sync_bn'] and mode == 'train' and comm.size > 1
+                                                         and this_bs >= total_subs) else None
+            for g, idx, _, _ in subs:
                 num += idx.size
                 if idx.size == 0:
                     continue
                 inputs = next(loader)
+                # draws keyed by (epoch, batch, global sub-batch): the same whatever the world size
+                net.rng = np.random.default_rng([seed, 1, phase, b, g])
+                net.accumulate_param_ders = False
                 if mode == 'train':
                     net.mode = 'normal'
-                    net.accumulate_param_ders = s != 0
                     net.eval(inputs, opts['der_outputs'])
                     check.after_eval(idx, inputs)
+                    grads.add(g)
                 else:
                     net.mode = 'test'
-                    net.accumulate_param_ders = False
                     net.eval(inputs)
                 _collect_block_stats(net, block_stats)
-            net.accumulate_param_ders = False
+            names = stat_names(comm, block_stats)
+            vec = local_vector(losses, block_stats, names, num)
             if mode == 'train':
+                vec = grads.reduce(comm, total_subs, vec)   # p.der: the global sums
                 check.before_update(state)
                 accumulate_gradients(net, state, learning_rate=lr, batch_size=this_bs, momentum=opts['momentum'],
                                      weight_decay=opts['weight_decay'], nesterov=opts['nesterov'])
                 check.done()   # a non-finite step: the update undone, NonFiniteError naming the layer
+            else:
+                vec = comm.allreduce(vec, 'sum')
             now = time.perf_counter() - start + adjust_time
             batch_time = now - stats['time']
-            stats['num'] = num
+            stats.update(global_stats(vec, losses, names))
             stats['time'] = now
-            for name, (total, count) in block_stats.items():
-                stats[name] = total / count
-            extract_stats(net, stats)
             current_speed = this_bs / batch_time if batch_time > 0 else math.inf
             average_speed = (t + this_bs) / now if now > 0 else math.inf
             if t == 3 * bs:  # the first three batches are outliers: count them at this one's speed
@@ -431,6 +512,7 @@ def _process_epoch(net, state, imdb, get_batch, mode, subset, epoch, lr, seed, o
     finally:
         loader.close()
         net.accumulate_param_ders = False
+        net.batch_reducer = None
     total = time.perf_counter() - start
     if num_batches:
         share = 100.0 * loader.wait_time / total if total > 0 else 0.0
