@@ -6,6 +6,7 @@ may belong to another MPI) under a subprocess timeout, and compares what the ran
 with a 1-process run of the same job in this process.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -108,7 +109,9 @@ from pydagnn.parallel import MPIComm
 c = MPIComm(timeout=20)
 v = np.array([[1e16, 1.0, -1e16, 1.0][c.rank]] * 3)
 exact = c.allreduce(v.copy(), 'sum', exact=True)
-print('rank', c.rank, exact[0], flush=True)
+import sys
+sys.stdout.write(f'<rank {c.rank} {float(exact[0])!r}>')  # one write: the launcher may interleave ranks' output
+sys.stdout.flush()
 """
 
 
@@ -119,8 +122,8 @@ def test_exact_allreduce_finishes_the_canonical_tree():
     proc = subprocess.run([MPIEXEC, '-n', '4', sys.executable, '-c', PAIRWISE], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    got = sorted(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith('rank'))
-    assert got == [[str(r), '2.0'] for r in range(4)], proc.stdout
+    got = sorted(re.findall(r'<rank (\d+) (\S+)>', proc.stdout))
+    assert got == [(str(r), '2.0') for r in range(4)], proc.stdout
 
 
 def test_uneven_last_batch_leaves_a_rank_without_images():
