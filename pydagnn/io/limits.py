@@ -95,6 +95,13 @@ class Budget:
                                f'{_human(self.max_bytes)} one read may decode (damaged file? '
                                f'raise it with {ENV_MAX_BYTES} or max_bytes=)')
 
+    def check_elements(self, nelements, where):
+        """Refuse ``nelements`` more values over the cap, without charging them."""
+        if self.elements + nelements > self.max_elements:
+            raise MatFileError(self.path, where, f'declares {nelements} values, over the cap of '
+                               f'{self.max_elements} one read may decode (damaged file? raise it '
+                               f'with {ENV_MAX_ELEMENTS} or max_elements=)')
+
     def take(self, nbytes, nelements, where):
         """Charge ``nbytes`` bytes and ``nelements`` values (ints >= 0), or raise."""
         if self.bytes + nbytes > self.max_bytes:

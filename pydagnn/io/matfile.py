@@ -398,8 +398,9 @@ class _V5Reader:
             raise self.fail(where, 'compressed element holds a small data element, not a matrix')
         need = 8 + self.u32(head, 4)
         self.budget.check_bytes(need, where, 'a compressed variable')
-        parts = [head]
-        got = len(head)
+        parts = [head, d.decompress(d.unconsumed_tail, min(need, 4096) - 8)]
+        self.check_head(parts[0] + parts[1], where)
+        got = len(parts[0]) + len(parts[1])
         while got < need:
             piece = d.decompress(d.unconsumed_tail, min(need - got, 1 << 24))
             if not piece:
@@ -410,6 +411,21 @@ class _V5Reader:
             raise self.fail(where, f'compressed data ends after {got} of the {need} bytes its '
                             'tag declares (file truncated?)')
         return b''.join(parts)
+
+    def check_head(self, head, where):
+        """Refuse a compressed variable from its first bytes, before inflating the rest:
+        no array flags (a stream of junk), or a cell or struct declaring more elements
+        than the cap allows."""
+        if self.u32(head, 8) != 6 or self.u32(head, 12) != 8:
+            raise self.fail(where, 'malformed array flags')
+        cls = self.u32(head, 16) & 0xFF
+        if cls not in (_MX_CELL, _MX_STRUCT, _MX_OBJECT) or len(head) < 32:
+            return
+        mt, ds, de, _ = self.tag(head, 24, len(head), where)
+        if mt == 5 and (de - ds) % 4 == 0 and de > ds:
+            dims = self.numbers(head, ds, de, mt, where)
+            self.budget.check_elements(_prod(abs(int(x)) for x in dims),
+                                       self.peek_name(head, where) or where)
 
     def peek_name(self, head, where):
         try:
