@@ -45,10 +45,15 @@ their dims, small arrays in compact storage -- the layout MATLAB itself writes),
 a temporary file in the target folder that is then renamed over the target, so a crash
 never leaves a half-written file.
 
-Files are hostile until read: sizes are checked against their container and a cap before
-anything is allocated, the global-heap ``MATLAB_fields`` attribute is never read (HDF5
-can spin forever on a damaged one), nesting is bounded. Every failure to read is a
-:class:`~pydagnn.io.errors.MatFileError` naming the file.
+Files are hostile until read (docs/files.md): sizes are checked against their container
+(the file, the stored bytes of a dataset) and the read's :class:`~pydagnn.io.limits.Budget`
+(``max_bytes`` / ``PYDAGNN_MAX_ARRAY_BYTES``, ``max_elements``) before anything is
+allocated; v5 zlib streams are inflated no further than they declare; each v7.3 object is
+decoded once (a DAG of references is not expanded; a cycle is an error); external links,
+soft links out of ``#refs#``, external raw storage, virtual datasets and unknown filters
+are refused (nothing is read from another file); the global-heap ``MATLAB_fields``
+attribute is never read (HDF5 can spin forever on a damaged one); nesting is bounded.
+Every failure to read is a :class:`~pydagnn.io.errors.MatFileError` naming the file.
 """
 import os
 import sys
