@@ -95,7 +95,10 @@ def load_in_child(kind, path, env=None, timeout=TIME_LIMIT_S * 3):
     except subprocess.TimeoutExpired:
         pytest.fail(f'{kind} loader on {path} did not finish in {timeout} s')
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"\n{kind:10s} {os.path.basename(str(path)):24s} {res['seconds']:7.3f} s "
+          f"{res['maxrss_mb']:6.0f} MB  {res['error']}: {res['message'][-110:]}")   # with -s
+    return res
 
 
 def assert_clean(res, path, *words):
