@@ -175,7 +175,11 @@ def fuzz(loader, seed, seconds, cases):
     report['cases'] = report['ok'] + report['clean_error'] + len(report['bad'])
     report['seconds'] = round(seconds - max(t_end - time.perf_counter(), 0), 1)
     report['slowest_s'] = round(report['slowest_s'], 3)
-    report['maxrss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    try:    # this process's own peak (ru_maxrss would carry the parent's across exec)
+        hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]
+        report['maxrss_mb'] = round(int(hwm.split()[1]) / 1024, 1)
+    except (OSError, IndexError):
+        report['maxrss_mb'] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return report
 
 
