@@ -180,18 +180,19 @@ def _write_failure(path, previous, e):
     return f'cannot write checkpoint {path}: {why}; {kept}'
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, max_bytes=None):
     """``(net, state, stats)`` from a checkpoint; ``state['momentum']`` maps param names
     to arrays; ``state['execution_order']`` is the layer order the run used when the file
     records it (``state.executionOrder``, 1-based; the net is given that order). Raises
     :class:`CheckpointError` naming the file when it cannot be read or lacks ``net`` or
-    ``stats`` (a partial save)."""
+    ``stats`` (a partial save). ``max_bytes``: the most the file may decode into memory
+    (default ``$PYDAGNN_MAX_ARRAY_BYTES`` or 8 GiB; docs/files.md)."""
     try:
-        mat = read_mat(path, variable_names=['state', 'stats'])
+        mat = read_mat(path, variable_names=['state', 'stats'], max_bytes=max_bytes)
         if 'stats' not in mat:
             raise CheckpointError(f"checkpoint {path} was only partially saved: it has no variable 'stats'")
         stats = _stats_from_mat(to_python(mat['stats'], 'stats'))
-        net = load_matconvnet(path)
+        net = load_matconvnet(path, max_bytes=max_bytes)
         st = to_python(mat['state'], 'state') if 'state' in mat else {}
         moms = _momentum_from_mat(net, st)
         state = {'momentum': moms}

@@ -384,7 +384,7 @@ def _finish(path, root, data, version):
     return Imdb(root, path=path, version=version)
 
 
-def load_imdb(path):
+def load_imdb(path, max_bytes=None):
     """Load an imdb.mat (v7 whole, v7.3 with ``images.data`` left on disk).
 
     Returns an :class:`Imdb` (fields as attributes and items): ``images.data`` an
@@ -393,14 +393,16 @@ def load_imdb(path):
     ``(C, C)``, other fields as stored (MATLAB shapes). A struct saved inside a top-level
     variable ``imdb`` is unwrapped, as ``cnn_imagenet64`` does. Raises
     :class:`MatFileError` (naming the file and the field) for anything malformed and
-    ``FileNotFoundError`` when there is no file.
+    ``FileNotFoundError`` when there is no file. ``max_bytes``: the most the file may
+    decode into memory besides ``images.data``, which stays on disk whatever its size
+    (default ``$PYDAGNN_MAX_ARRAY_BYTES`` or 8 GiB; docs/files.md).
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f'{path}: no such imdb file')
     version = sniff(path)
     try:
-        m = read_mat(path, lazy=_LAZY)
+        m = read_mat(path, lazy=_LAZY, max_bytes=max_bytes)
     except MatFileError:
         raise
     except MemoryError:

@@ -9,11 +9,12 @@ They read through :mod:`pydagnn.io.imdb_read` and write through :mod:`pydagnn.io
 import glob
 import math
 import os
-import pickle
 import re
 
 import numpy as np
 
+from .batch_pickle import load_batch_pickle
+from .errors import MatFileError
 from .imdb_read import load_imdb
 from .imdb_write import DEFAULT_SETS, ImdbWriter, save_imdb
 
@@ -92,29 +93,35 @@ def _batch_files(src):
 
 
 def _read_batch(path):
-    """A downsampled-ImageNet batch: ``(data k x 3*S*S uint8, labels k)``."""
-    try:
-        if path.endswith('.npz'):
-            with np.load(path) as z:
+    """A downsampled-ImageNet batch: ``(data k x 3*S*S uint8, labels k)``. Pickles are
+    read by :func:`~pydagnn.io.batch_pickle.load_batch_pickle`, which runs no code from
+    the file; ``labels`` must be a flat list of ints or an integer array."""
+    if path.endswith('.npz'):
+        try:
+            with np.load(path, allow_pickle=False) as z:
                 d = {'data': z['data'], 'labels': z['labels']}
-        else:
-            with open(path, 'rb') as fh:
-                d = pickle.load(fh, encoding='latin1')   # written by Python 2 or 3
-    except Exception as e:
-        raise ValueError(f'{path}: cannot read as a downsampled-ImageNet batch: '
-                         f'{type(e).__name__}: {e}') from None
+        except Exception as e:
+            raise MatFileError(path, None, f'cannot read as a downsampled-ImageNet batch: '
+                               f'{type(e).__name__}: {e}') from None
+    else:
+        d = load_batch_pickle(path)
     if not isinstance(d, dict) or 'data' not in d or 'labels' not in d:
-        raise ValueError(f"{path}: expected a dict with 'data' and 'labels'")
-    data = np.asarray(d['data'])
-    labels = np.asarray(d['labels']).ravel()
-    if data.dtype != np.uint8 or data.ndim != 2:
-        raise ValueError(f"{path}: 'data' must be a k x 3*S*S uint8 array, "
-                         f"got {data.dtype} {data.shape}")
+        raise MatFileError(path, None, "expected a dict with 'data' and 'labels'")
+    data, labels = d['data'], d['labels']
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        found = f'{data.dtype} {data.shape}' if isinstance(data, np.ndarray) else type(data).__name__
+        raise MatFileError(path, 'data', f'must be a k x 3*S*S uint8 array, got {found}')
+    # a list is walked flat: nested lists sharing one another would expand exponentially
+    if isinstance(labels, list) and all(type(x) is int for x in labels):
+        labels = np.array(labels, dtype=np.int64)
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in 'iu':
+        raise MatFileError(path, 'labels', 'must be a list of ints or an integer array')
+    labels = labels.ravel()
     if labels.shape[0] != data.shape[0]:
-        raise ValueError(f"{path}: {data.shape[0]} images but {labels.shape[0]} labels")
+        raise MatFileError(path, 'labels', f'{data.shape[0]} images but {labels.shape[0]} labels')
     side = math.isqrt(data.shape[1] // 3)
     if 3 * side * side != data.shape[1]:
-        raise ValueError(f"{path}: rows of {data.shape[1]} values are not 3 square colour planes")
+        raise MatFileError(path, 'data', f'rows of {data.shape[1]} values are not 3 square colour planes')
     return data, labels
 
 

@@ -229,7 +229,7 @@ def _describe(v):
 
 
 # ---------------------------------------------------------------------------- loading
-def load_matconvnet(path, strict=True, return_extra=False):
+def load_matconvnet(path, strict=True, return_extra=False, max_bytes=None):
     """Load a MatConvNet model file as a :class:`pydagnn.DagNN`.
 
     strict: an unknown layer type (or a block property the block does not have) is an
@@ -237,11 +237,13 @@ def load_matconvnet(path, strict=True, return_extra=False):
         (unknown properties are dropped with a warning) and the rest loads.
     return_extra: also return a dict of the file's other variables as plain Python
         (a checkpoint's ``state`` and ``stats``, a fixture's ``executionOrder``).
+    max_bytes: the most the file may decode into memory (default ``$PYDAGNN_MAX_ARRAY_BYTES``
+        or 8 GiB; see :mod:`pydagnn.io.limits` and docs/files.md).
 
     Raises MatFileError (naming the file and the field) for anything malformed.
     """
     path = os.fspath(path)
-    data = read_mat(path)
+    data = read_mat(path, max_bytes=max_bytes)
     ctx = _Ctx(path, strict)
     try:
         net, extra = _load(data, ctx)

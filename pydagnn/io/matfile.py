@@ -45,10 +45,15 @@ their dims, small arrays in compact storage -- the layout MATLAB itself writes),
 a temporary file in the target folder that is then renamed over the target, so a crash
 never leaves a half-written file.
 
-Files are hostile until read: sizes are checked against their container and a cap before
-anything is allocated, the global-heap ``MATLAB_fields`` attribute is never read (HDF5
-can spin forever on a damaged one), nesting is bounded. Every failure to read is a
-:class:`~pydagnn.io.errors.MatFileError` naming the file.
+Files are hostile until read (docs/files.md): sizes are checked against their container
+(the file, the stored bytes of a dataset) and the read's :class:`~pydagnn.io.limits.Budget`
+(``max_bytes`` / ``PYDAGNN_MAX_ARRAY_BYTES``, ``max_elements``) before anything is
+allocated; v5 zlib streams are inflated no further than they declare; each v7.3 object is
+decoded once (a DAG of references is not expanded; a cycle is an error); external links,
+soft links out of ``#refs#``, external raw storage, virtual datasets and unknown filters
+are refused (nothing is read from another file); the global-heap ``MATLAB_fields``
+attribute is never read (HDF5 can spin forever on a damaged one); nesting is bounded.
+Every failure to read is a :class:`~pydagnn.io.errors.MatFileError` naming the file.
 """
 import os
 import sys
@@ -60,6 +65,7 @@ import warnings
 import numpy as np
 
 from .errors import MatFileError
+from .limits import Budget
 from .tmpfiles import create_tmp
 
 __all__ = ['MatStruct', 'MatCell', 'MatObject', 'LazyArray', 'MatWriter', 'AppendArray',
@@ -213,7 +219,7 @@ def is_hdf5(path):
         return False
 
 
-def read_mat(path, variable_names=None, lazy=None):
+def read_mat(path, variable_names=None, lazy=None, max_bytes=None, max_elements=None):
     """Read a ``.mat`` file (v4/v5/v7 or v7.3) into ``{name: value}`` (see the module doc).
 
     ``variable_names``: read only these variables (others are not loaded).
@@ -222,23 +228,28 @@ def read_mat(path, variable_names=None, lazy=None):
     file is one item: MATLAB drops the trailing 1; anything else, or an empty item, is
     a MatFileError) that reads slices of its last axis on demand; v5/v7 files are read
     whole (:func:`lazy_array` gives an in-memory array the same interface).
-    Raises MatFileError naming the file for anything unreadable.
+    ``max_bytes``, ``max_elements``: the caps on what this read may decode into memory
+    (:mod:`pydagnn.io.limits`: default 8 GiB and 2^24 values, or ``PYDAGNN_MAX_ARRAY_BYTES``
+    and ``PYDAGNN_MAX_ELEMENTS``); a file declaring more fails before allocating it.
+    Raises MatFileError naming the file (and the field) for anything unreadable or hostile
+    (docs/files.md: what a file may not do).
     """
     path = os.fspath(path)
+    budget = Budget(path, max_bytes, max_elements)
     version = sniff(path)
     try:
         if version == '7.3':
-            return _read_h5(path, variable_names, dict(lazy or {}))
+            return _read_h5(path, variable_names, dict(lazy or {}), budget)
         if version == '4':
-            return _read_v4(path, variable_names)
-        return _read_v5(path, variable_names)
+            return _read_v4(path, variable_names, budget)
+        return _read_v5(path, variable_names, budget)
     except MatFileError:
         raise
     except (Exception, RecursionError) as e:  # scipy/h5py/zlib/numpy errors on a bad file
         raise MatFileError(path, None, f'not a readable MATLAB .mat file ({type(e).__name__}: {e})') from e
 
 
-def _read_v5(path, variable_names):
+def _read_v5(path, variable_names, budget):
     with open(path, 'rb') as f:
         data = f.read()
     if len(data) == 0:
@@ -248,17 +259,47 @@ def _read_v5(path, variable_names):
     endian = data[126:128]
     if endian not in (b'IM', b'MI'):
         raise MatFileError(path, None, 'not a MATLAB .mat file (no v5 header)')
-    return _V5Reader(data, path, '<' if endian == b'IM' else '>').variables(variable_names)
+    return _V5Reader(data, path, '<' if endian == b'IM' else '>', budget).variables(variable_names)
 
 
-def _read_v4(path, variable_names):
-    """MATLAB v4 files (no header, no nesting): through scipy."""
+def _read_v4(path, variable_names, budget):
+    """MATLAB v4 files (no header, no nesting): through scipy, after checking every
+    matrix header against the file and the cap (scipy allocates what a header declares)."""
     import scipy.io
+    _check_v4_headers(path, budget)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         raw = scipy.io.loadmat(path, appendmat=False, variable_names=variable_names, squeeze_me=False,
                                chars_as_strings=True, mat_dtype=False)
     return {k: _from_scipy(v, path, k, 0) for k, v in raw.items() if not k.startswith('__')}
+
+
+_V4_ITEMSIZE = {0: 8, 1: 4, 2: 4, 3: 2, 4: 2, 5: 1}   # P digit of MOPT: double .. uint8
+
+
+def _check_v4_headers(path, budget):
+    """Walk the v4 matrices (20-byte header, name, data): each one's declared size must
+    lie inside the file and under the cap."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        pos = 0
+        while pos + 20 <= size:
+            f.seek(pos)
+            head = f.read(20)
+            mopt = int.from_bytes(head[:4], 'little')
+            bo = 'little'
+            if mopt > 5000:              # big-endian file: the word reads back as such
+                mopt, bo = int.from_bytes(head[:4], 'big'), 'big'
+            mrows, ncols, imagf, namlen = (int.from_bytes(head[i:i + 4], bo) for i in range(4, 20, 4))
+            item = _V4_ITEMSIZE.get(mopt % 100 // 10, 8)
+            n = mrows * ncols * item * (2 if imagf else 1)
+            where = f'matrix at byte {pos}'
+            budget.take(mrows * ncols * 8 * (2 if imagf else 1), 1, where)
+            end = pos + 20 + namlen + n
+            if end > size:
+                raise MatFileError(path, where, f'declares {n} bytes of data, the file has '
+                                   f'{size - pos - 20 - namlen} left')
+            pos = end
 
 
 # MAT v5 data types and array classes
@@ -273,9 +314,10 @@ class _V5Reader:
     """A MAT v5/v7 parser in plain Python. Every size is checked against its container,
     so a damaged file raises MatFileError (scipy's compiled reader can crash on one)."""
 
-    def __init__(self, data, path, bo):
+    def __init__(self, data, path, bo, budget):
         self.data = data
         self.path = path
+        self.budget = budget
         self.bo = bo
         self.byteorder = 'little' if bo == '<' else 'big'
 
@@ -332,7 +374,7 @@ class _V5Reader:
                         if name is not None and name not in wanted:
                             pos = nxt
                             continue
-                    inner = zlib.decompress(data[ds:de])
+                    inner = self.inflate(data, ds, de, where)
                 except zlib.error as e:
                     raise self.fail(where, f'corrupt compressed data ({e})') from None
                 itype, ids, ide, _ = self.tag(inner, 0, len(inner), where)
@@ -348,6 +390,48 @@ class _V5Reader:
             pos = nxt
         return out
 
+    def inflate(self, data, ds, de, where):
+        """The miMATRIX held by the compressed element ``data[ds:de]``, decompressed as a
+        stream and never past the size its own tag declares (checked against the cap
+        first): a zlib bomb costs what its header admits, not what it would inflate to."""
+        import zlib
+        d = zlib.decompressobj()
+        head = d.decompress(data[ds:de], 8)
+        if len(head) < 8:
+            raise self.fail(where, 'compressed data ends inside its first tag')
+        if self.u32(head, 0) >> 16:
+            raise self.fail(where, 'compressed element holds a small data element, not a matrix')
+        need = 8 + self.u32(head, 4)
+        self.budget.check_bytes(need, where, 'a compressed variable')
+        parts = [head, d.decompress(d.unconsumed_tail, min(need, 4096) - 8)]
+        self.check_head(parts[0] + parts[1], where)
+        got = len(parts[0]) + len(parts[1])
+        while got < need:
+            piece = d.decompress(d.unconsumed_tail, min(need - got, 1 << 24))
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+        if got < need:
+            raise self.fail(where, f'compressed data ends after {got} of the {need} bytes its '
+                            'tag declares (file truncated?)')
+        return b''.join(parts)
+
+    def check_head(self, head, where):
+        """Refuse a compressed variable from its first bytes, before inflating the rest:
+        no array flags (a stream of junk), or a cell or struct declaring more elements
+        than the cap allows."""
+        if self.u32(head, 8) != 6 or self.u32(head, 12) != 8:
+            raise self.fail(where, 'malformed array flags')
+        cls = self.u32(head, 16) & 0xFF
+        if cls not in (_MX_CELL, _MX_STRUCT, _MX_OBJECT) or len(head) < 32:
+            return
+        mt, ds, de, _ = self.tag(head, 24, len(head), where)
+        if mt == 5 and (de - ds) % 4 == 0 and de > ds:
+            dims = self.numbers(head, ds, de, mt, where)
+            self.budget.check_elements(_prod(abs(int(x)) for x in dims),
+                                       self.peek_name(head, where) or where)
+
     def peek_name(self, head, where):
         try:
             _, ds, _, _ = self.tag(head, 0, len(head) + (1 << 40), where)
@@ -357,6 +441,15 @@ class _V5Reader:
             return head[nds:nde].decode('latin-1')
         except MatFileError:
             return None
+
+    def declared(self, n, per, left, where, what):
+        """A cell or struct declaring ``n`` elements of ``per`` values each: every value is
+        a tagged element of >= 8 bytes, so they must fit in the ``left`` bytes that remain,
+        and all of them under the element cap (a struct without fields costs no bytes)."""
+        if n * per * 8 > left:
+            raise self.fail(where, f'declares {n} {what} ({n * per} values), but only {left} '
+                            'bytes remain to hold them')
+        self.budget.take(0, n * max(per, 1), where)
 
     def name_of(self, buf, ds, de):
         return bytes(buf[ds:de]).decode('latin-1')
@@ -394,6 +487,7 @@ class _V5Reader:
             real = self.numbers(buf, ds, de, mt, w)
             if real.size != n:
                 raise self.fail(w, f'{real.size} values for an array of size {shape}')
+            self.budget.take(n * np.dtype(_MX_DTYPES[cls]).itemsize * (2 if is_complex else 1), 1, w)
             out = real.astype(np.dtype(_MX_DTYPES[cls]))
             if is_complex:
                 mt, ds, de, p = self.tag(buf, p, e, w)
@@ -415,8 +509,10 @@ class _V5Reader:
                 codes = self.numbers(buf, ds, de, mt, w).astype(np.uint32)
             if codes.size != n:
                 raise self.fail(w, f'{codes.size} characters for a char array of size {shape}')
+            self.budget.take(4 * n, 1, w)
             return name, _text(codes.reshape(shape[0], -1, order='F'))
         if cls == _MX_CELL:
+            self.declared(n, 1, e - p, w, 'cell items')
             items = []
             for i in range(n):
                 iw = f'{w}{{{i + 1}}}'
@@ -442,6 +538,7 @@ class _V5Reader:
             fields = [raw[i:i + flen].split(b'\x00', 1)[0].decode('latin-1') for i in range(0, len(raw), flen)]
             if len(set(fields)) != len(fields) or not all(fields):
                 raise self.fail(w, f'bad struct field names {fields}')
+            self.declared(n, len(fields), e - p, w, 'struct elements')
             elements = []
             for i in range(n):
                 elem = {}
@@ -535,6 +632,8 @@ def _h5_attr(oid, name):
     aid = h5py.h5a.open(oid, name)
     if aid.dtype.kind == 'O':  # variable-length data (MATLAB_fields): let h5py convert
         return None
+    if _prod(aid.shape) * max(aid.dtype.itemsize, 1) > _MAX_ATTR_BYTES:
+        return None            # MATLAB's attributes are a few bytes: a huge one is not its own
     buf = np.empty(aid.shape, dtype=aid.dtype)
     aid.read(buf)
     return buf
@@ -554,30 +653,35 @@ def _hl(oid):
 
 
 class _H5Context:
-    """What one v7.3 read shares: the file, the places to leave on disk (``lazy``), and
-    whether a lazy handle took over the open file."""
+    """What one v7.3 read shares: the file and its size, the places to leave on disk
+    (``lazy``), whether a lazy handle took over the open file, the :class:`Budget`, the
+    objects decoded so far (``memo``: HDF5 address -> (value, its cost)) and the addresses
+    being decoded (``open``: a reference back to one of them is a cycle)."""
 
-    def __init__(self, path, f, lazy):
+    def __init__(self, path, f, lazy, budget):
         self.path = path
         self.f = f
         self.fid = f.id
+        self.size = os.path.getsize(path)
         self.lazy = lazy
         self.keep_open = False
+        self.budget = budget
+        self.memo = {}
+        self.open = set()
 
 
-def _read_h5(path, variable_names, lazy=None):
+def _read_h5(path, variable_names, lazy, budget):
     import h5py
     out = {}
     f = h5py.File(path, 'r')
-    rd = _H5Context(path, f, lazy or {})
+    rd = _H5Context(path, f, lazy or {}, budget)
     try:
         names = [k for k in f.keys() if not k.startswith('#')]
         if variable_names is not None:
             wanted = [variable_names] if isinstance(variable_names, str) else list(variable_names)
             names = [n for n in names if n in wanted]
         for name in names:
-            oid = h5py.h5o.open(f.id, name.encode('utf-8'))
-            out[name] = _from_h5(oid, rd, name, 0)
+            out[name] = _decode(_h5_member(f.id, name, path, name), rd, name, 0)
     except BaseException:
         rd.keep_open = False
         for v in _lazy_values(out):
@@ -600,24 +704,85 @@ def _lazy_values(tree):
             yield from _lazy_values(e)
 
 
-def _h5_child(gid, name, path, where):
+def _h5_member(gid, name, path, where):
+    """Open member ``name`` of a group, following only what stays in the file: hard links,
+    and soft links into ``/#refs#`` (an external link would open another file; MATLAB
+    writes neither)."""
     import h5py
+    bname = name.encode('utf-8')
     try:
-        return h5py.h5o.open(gid, name.encode('utf-8'))
+        info = gid.links.get_info(bname)
     except Exception as e:
-        raise MatFileError(path, where, f'struct field {name!r} is listed but missing ({e})') from e
+        raise MatFileError(path, where, f'{name!r} is listed but missing ({e})') from e
+    if info.type == h5py.h5l.TYPE_EXTERNAL:
+        target = gid.links.get_val(bname)
+        raise MatFileError(path, where, f'is an HDF5 external link to {target!r}: a MAT-file may '
+                           'not read other files')
+    if info.type == h5py.h5l.TYPE_SOFT:
+        target = gid.links.get_val(bname)
+        if not target.startswith(b'/#refs#/'):
+            raise MatFileError(path, where, f'is an HDF5 soft link to {target.decode("utf-8", "replace")!r} '
+                               '(outside #refs#): not a MATLAB layout')
+    elif info.type != h5py.h5l.TYPE_HARD:
+        raise MatFileError(path, where, f'is an HDF5 link of user-defined type {info.type}')
+    try:
+        return h5py.h5o.open(gid, bname)
+    except Exception as e:
+        raise MatFileError(path, where, f'{name!r} is listed but missing ({e})') from e
 
 
-_MAX_ARRAY_BYTES = 2 ** 36     # one array decoded into memory (a cap before allocating)
+def _h5_child(gid, name, path, where):
+    return _h5_member(gid, name, path, f'{where}.{name}')
+
+
 _MAX_LAZY_BYTES = 2 ** 44      # one array left on disk (ImageNet64's images: 16 GB)
+_MAX_ATTR_BYTES = 1 << 16      # an attribute read (MATLAB_class, MATLAB_empty: a few bytes)
+_ALLOWED_FILTERS = {1: 'deflate', 2: 'shuffle', 3: 'fletcher32'}   # what MATLAB/h5py write
+_DEFLATE_RATIO = 1100          # zlib never inflates more than ~1032:1
+_STORAGE_SLACK = 1 << 16       # bytes a dataset may declare beyond what it stores (fill)
 
 
-def _h5_read(dsid, path=None, where=None):
+def _check_dataset(dsid, rd, where):
+    """Refuse a dataset whose data would come from outside the file (virtual dataset,
+    external raw storage), pass through an unknown filter (HDF5 would load a plugin), or
+    whose declared size its stored bytes cannot hold (a 2 GB shape over a few bytes).
+    Returns the declared byte count."""
     import h5py
-    nbytes = _prod(dsid.shape) * max(dsid.dtype.itemsize, 1)
-    if nbytes > _MAX_ARRAY_BYTES:
-        raise MatFileError(path, where,
-                           f'implausibly large ({dsid.shape} of {dsid.dtype}): file damaged?')
+    path = rd.path
+    dcpl = dsid.get_create_plist()
+    layout = dcpl.get_layout()
+    if layout == h5py.h5d.VIRTUAL:
+        raise MatFileError(path, where, 'is an HDF5 virtual dataset (its data would be read '
+                           'from other files): a MAT-file may not read other files')
+    if dcpl.get_external_count():
+        name = dcpl.get_external(0)[0]
+        raise MatFileError(path, where, f'keeps its data in the external file {name!r}: a '
+                           'MAT-file may not read other files')
+    filters = [dcpl.get_filter(i)[0] for i in range(dcpl.get_nfilters())]
+    bad = [fid for fid in filters if fid not in _ALLOWED_FILTERS]
+    if bad:
+        raise MatFileError(path, where, f'uses HDF5 filter {bad[0]} (only '
+                           f'{", ".join(_ALLOWED_FILTERS.values())} are read)')
+    declared = _prod(dsid.shape) * max(dsid.dtype.itemsize, 1)
+    stored = dsid.get_storage_size()
+    if layout == h5py.h5d.CONTIGUOUS and declared > rd.size:
+        raise MatFileError(path, where, f'declares {declared} bytes of data '
+                           f'({" x ".join(map(str, dsid.shape[::-1]))} of {dsid.dtype}), '
+                           f'more than the whole file ({rd.size} bytes)')
+    ratio = _DEFLATE_RATIO if 1 in filters else 1
+    if declared > stored * ratio + _STORAGE_SLACK:
+        raise MatFileError(path, where, f'declares {declared} bytes of data '
+                           f'({" x ".join(map(str, dsid.shape[::-1]))} of {dsid.dtype}) but '
+                           f'stores {stored}: file damaged?')
+    return declared
+
+
+def _h5_read(dsid, rd, where, nvalues=1):
+    """The whole dataset ``dsid`` as an array, after :func:`_check_dataset` and charging
+    its bytes (and ``nvalues`` values) to the read's budget."""
+    import h5py
+    nbytes = _check_dataset(dsid, rd, where)
+    rd.budget.take(nbytes, nvalues, where)
     arr = np.empty(dsid.shape, dtype=dsid.dtype)
     if arr.size:
         dsid.read(h5py.h5s.ALL, h5py.h5s.ALL, arr)
@@ -640,11 +805,40 @@ def _is_refs(dsid):
     return dsid.get_type().get_class() == h5py.h5t.REFERENCE
 
 
+def _h5_address(oid):
+    import h5py
+    info = h5py.h5o.get_info(oid)
+    return (info.fileno, info.addr)
+
+
+def _decode(oid, rd, where, depth):
+    """The value of the HDF5 object ``oid``, each object decoded once: references that
+    all point at one subtree make a DAG, which expanded as a tree doubles the work per
+    level. A repeated object is charged its cost again (what a caller walking the tree
+    copies); a reference back to an object still being decoded is a cycle."""
+    if depth > _MAX_DEPTH:
+        raise MatFileError(rd.path, where, f'nesting deeper than {_MAX_DEPTH} levels')
+    key = _h5_address(oid)
+    if key in rd.open:
+        raise MatFileError(rd.path, where, 'refers back to an object that contains it (a cycle)')
+    hit = rd.memo.get(key)
+    if hit is not None:
+        rd.budget.take(hit[1][0], hit[1][1], where)
+        return hit[0]
+    mark = rd.budget.mark()
+    rd.open.add(key)
+    try:
+        value = _from_h5(oid, rd, where, depth)
+    finally:
+        rd.open.discard(key)
+    if not isinstance(value, LazyArray):    # a lazy handle belongs to its one place
+        rd.memo[key] = (value, rd.budget.since(mark))
+    return value
+
+
 def _from_h5(oid, rd, where, depth):
     import h5py
     fid, path = rd.fid, rd.path
-    if depth > _MAX_DEPTH:
-        raise MatFileError(path, where, f'nesting deeper than {_MAX_DEPTH} levels (cyclic references?)')
     cls = _h5_class(oid)
     if isinstance(oid, h5py.h5g.GroupID):
         if h5py.h5a.exists(oid, b'MATLAB_sparse'):
@@ -663,28 +857,29 @@ def _from_h5(oid, rd, where, depth):
         if not is_array:
             elem = {}
             for fn in fields:
-                elem[fn] = _from_h5(_h5_child(oid, fn, path, where), rd, f'{where}.{fn}', depth + 1)
+                elem[fn] = _decode(_h5_child(oid, fn, path, where), rd, f'{where}.{fn}', depth + 1)
             return MatStruct(fields, [elem], (1, 1))
         shape = _mshape(first.shape[::-1])
         n = _prod(shape)
+        rd.budget.take(0, n * len(fields), where)     # before the n dicts are made
         elements = [dict() for _ in range(n)]
         for fn in fields:
             ds = _h5_child(oid, fn, path, where)
             if not isinstance(ds, h5py.h5d.DatasetID) or not _is_refs(ds):
                 raise MatFileError(path, f'{where}.{fn}', 'struct array field is not a reference array')
-            refs = _h5_read(ds, path, f'{where}.{fn}').reshape(-1)
-            if refs.size != n:
-                raise MatFileError(path, f'{where}.{fn}', f'{refs.size} references for a {shape} struct array')
+            if _prod(ds.shape) != n:
+                raise MatFileError(path, f'{where}.{fn}', f'{_prod(ds.shape)} references for a {shape} struct array')
+            refs = _h5_read(ds, rd, f'{where}.{fn}', 0).reshape(-1)
             for i, r in enumerate(refs):
                 w = f'{where}({i + 1}).{fn}'
-                elements[i][fn] = _from_h5(_deref(r, fid, path, w), rd, w, depth + 1)
+                elements[i][fn] = _decode(_deref(r, fid, path, w), rd, w, depth + 1)
         return MatStruct(fields, elements, shape)
 
     if not isinstance(oid, h5py.h5d.DatasetID):
         raise MatFileError(path, where, f'unexpected HDF5 object {type(oid).__name__}')
     empty = _h5_attr(oid, b'MATLAB_empty')
     if empty is not None and empty.reshape(-1)[:1].any():
-        dims = _h5_read(oid, path, where).reshape(-1)
+        dims = _h5_read(oid, rd, where).reshape(-1)
         shape = _mshape(int(d) for d in dims) if dims.size >= 2 else (0, 0)
         if _prod(shape) != 0:
             shape = (0, 0)
@@ -698,19 +893,19 @@ def _from_h5(oid, rd, where, depth):
     if _is_refs(oid):
         if cls not in (None, 'cell'):
             return MatObject(cls)
-        data = _h5_read(oid, path, where)
+        data = _h5_read(oid, rd, where, 1 + _prod(oid.shape))   # the items, before reading
         shape = _mshape(data.shape[::-1])
         items = []
         for i, r in enumerate(data.reshape(-1)):
             w = f'{where}{{{i + 1}}}'
-            items.append(_from_h5(_deref(r, fid, path, w), rd, w, depth + 1))
+            items.append(_decode(_deref(r, fid, path, w), rd, w, depth + 1))
         return MatCell(items, shape)
     if oid.get_type().get_class() in (h5py.h5t.STRING, h5py.h5t.VLEN, h5py.h5t.OPAQUE, h5py.h5t.ENUM):
         raise MatFileError(path, where, 'unsupported HDF5 data (not written by MATLAB)')
     if where in rd.lazy and cls != 'char' and \
             oid.get_type().get_class() in (h5py.h5t.INTEGER, h5py.h5t.FLOAT):
         return _lazy_h5(rd, oid, where, cls, rd.lazy[where])
-    data = _h5_read(oid, path, where)
+    data = _h5_read(oid, rd, where)
     if data.dtype.names is not None:
         if set(data.dtype.names) >= {'real', 'imag'}:
             data = data['real'] + 1j * data['imag']
@@ -1086,6 +1281,7 @@ def _lazy_h5(rd, oid, where, cls, ndim):
     dtype = oid.dtype
     if n * _prod(item) * dtype.itemsize > _MAX_LAZY_BYTES:
         raise MatFileError(path, where, f'implausibly large ({tuple(oid.shape)}): file damaged?')
+    _check_dataset(oid, rd, where)     # in the file, known filters, stored bytes (not the cap)
     dcpl = oid.get_create_plist()
     layout = dcpl.get_layout()
     nfilters = dcpl.get_nfilters()
