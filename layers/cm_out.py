@@ -14,15 +14,20 @@ A CM without images contributes nothing: no value left over from an earlier eval
 used (the original's defect; SPEC 4). Vectorised per CM: the images of CM i are found
 from the gate's :class:`pydagnn.routing.RouteIndex`: the one argsort per step that the
 engine's routing also uses (no host round trip, no loop over images).
+
+:func:`fuse_pairs_forward` / :func:`fuse_pairs_backward` are the same fusion for the
+batched mixture (:mod:`pydagnn.layers.mixture`): the CM outputs of all (image, CM)
+pairs as one ``1 x 1 x D' x P`` stack (:class:`pydagnn.routing.Pairs` order), fused by
+one scatter-add.
 """
 import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from pydagnn.routing import route_index, route_order
+from pydagnn.routing import route_index, route_order, scatter_add
 from pydagnn.layers._common import first_value
 
-__all__ = ['cm_out_forward', 'cm_out_backward', 'CM_out']
+__all__ = ['cm_out_forward', 'cm_out_backward', 'fuse_pairs_forward', 'fuse_pairs_backward', 'CM_out']
 
 
 def _counts(ys, K, op):
@@ -100,6 +105,42 @@ def cm_out_backward(sfm, mask, ys, dz, order=None):
         dys.append(xp.asfortranarray(dzi * sfm[i, idx][None, :]).reshape(1, 1, D, n[i], order='F'))
         ds[i, idx] = (y.reshape(D, n[i], order='F') * dzi).sum(axis=0)
     return xp.asfortranarray(ds), dys
+
+
+def _pair_weights(sfm, pairs):
+    """``(P,)`` gate weight ``s(component, image)`` of every pair."""
+    return sfm[pairs.component, pairs.image]
+
+
+def fuse_pairs_forward(sfm, pairs, y):
+    """The fusion of all pairs at once: ``z_n = sum over the pairs p of image n of
+    s(i_p, n) * y_p``. sfm: ``K x N``; y: ``1 x 1 x D' x P`` (P = len(pairs)) ->
+    z ``1 x 1 x D' x N``."""
+    K, N = sfm.shape
+    P = len(pairs)
+    D = y.size // P if P else 0
+    if y.size != D * P:
+        raise ValueError(f'fuse_pairs_forward: y has shape {y.shape} for {P} pairs')
+    yw = y.reshape(D, P, order='F') * _pair_weights(sfm, pairs)[None, :]
+    return scatter_add((D, N), pairs, yw).reshape(1, 1, D, N, order='F')
+
+
+def fuse_pairs_backward(sfm, pairs, y, dz):
+    """``(d sfm K x N, dy 1 x 1 x D' x P)`` of :func:`fuse_pairs_forward`: ``dy_p =
+    s(i_p, n_p) dz_{n_p}``, ``d s(i_p, n_p) = y_p . dz_{n_p}`` (zero off the pairs; the
+    pairs are distinct, so a plain indexed store)."""
+    xp = get_array_module(sfm)
+    K, N = sfm.shape
+    P = len(pairs)
+    D = dz.size // N if N else 0
+    if dz.size != D * N or y.size != D * P:
+        raise ValueError(f'fuse_pairs_backward: dz has shape {dz.shape}, y {y.shape}, '
+                         f'for {N} images and {P} pairs')
+    dzp = dz.reshape(D, N, order='F')[:, pairs.image]           # (D, P)
+    dy = xp.asfortranarray(dzp * _pair_weights(sfm, pairs)[None, :])
+    ds = xp.zeros((K, N), dtype=sfm.dtype)
+    ds[pairs.component, pairs.image] = (y.reshape(D, P, order='F') * dzp).sum(axis=0)
+    return xp.asfortranarray(ds), dy.reshape(1, 1, D, P, order='F')
 
 
 @register('dagnn.CM_out')

@@ -446,6 +446,8 @@ class Conv(Layer):
     """``dagnn.Conv``: inputs [x], params [filters] or [filters, biases], outputs [y]."""
     #: backward reads x, not y: the engine may free y (conv -> ReLU)
     backward_needs_outputs = False
+    #: each image is convolved on its own (the batched mixture may stack components)
+    batch_independent = True
     param_roles = ('filter', 'vector')
     properties = {
         'size': [0, 0, 0, 0],

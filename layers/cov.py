@@ -316,6 +316,7 @@ _COV_PROPS = {'opts': ['cuDNN'], 'cudnn': ['CuDNN']}
 class OBJ_ConvNet_COV_Pool(Layer):
     """Covariance pooling: input ``H x W x d x N`` -> ``d x d x 1 x N``.
     ``opts``/``cudnn`` are stored for file compatibility only."""
+    batch_independent = True   # per-image matrices
     properties = dict(_COV_PROPS)
 
     def forward(self, inputs, params):
@@ -336,6 +337,7 @@ class OBJ_ConvNet_Cov_TraceNorm(Layer):
     """Trace normalisation; two outputs ``[A, tr]`` (the second is the ``<name>_tr``
     var that ``OBJ_ConvNet_COV_ScaleTr`` consumes). Backward takes the derivatives of
     both outputs (``None`` counts as zero)."""
+    batch_independent = True   # per-image matrices
     properties = dict(_COV_PROPS)
 
     def forward(self, inputs, params):
@@ -360,6 +362,7 @@ class OBJ_ConvNet_Cov_Sqrtm(Layer):
     """Newton-Schulz matrix square root; three outputs ``[y, _Y, _Z]``.
     ``coef`` and ``iterNum`` must be positive integers (the mex casts them to int); the
     class default ``iterNum`` is 5 as in the original (the GM-SOP models pass 3)."""
+    batch_independent = True   # per-image matrices
     properties = dict(_COV_PROPS, coef=1, iterNum=5)
 
     def forward(self, inputs, params):
@@ -386,6 +389,7 @@ class OBJ_ConvNet_Cov_Sqrtm(Layer):
 class OBJ_ConvNet_COV_ScaleTr(Layer):
     """``y = sqrt(tr) * v``; inputs ``[v, tr]``. The derivative returned for ``tr`` is
     ``v . dy`` (the trace-norm block applies ``1/(2 sqrt(tr))``)."""
+    batch_independent = True   # per-image matrices
     properties = dict(_COV_PROPS)
 
     def forward(self, inputs, params):

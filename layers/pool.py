@@ -179,6 +179,7 @@ class Pooling(Layer):
     """
     #: backward reads x (the max positions), not y
     backward_needs_outputs = False
+    batch_independent = True
     properties = {
         'method': 'max',
         'poolSize': [1, 1],

@@ -76,6 +76,7 @@ class ReLU(Layer):
     freed): backward uses ``inputs[0]`` when the engine passes it, else ``outputs[0]``
     (equivalent for leak >= 0)."""
     properties = {'useShortCircuit': True, 'leak': 0, 'opts': []}
+    batch_independent = True
 
     @property
     def backward_needs_inputs(self):

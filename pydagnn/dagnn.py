@@ -137,6 +137,9 @@ class DagNN:
         #: ``route_indexes`` describe the last eval, its ``after_backward_hooks`` run
         #: once the param derivatives of a backward are complete
         self.executor = Executor(self)
+        #: :class:`pydagnn.plan.FusedGroup` entries ``eval`` runs in place of their member
+        #: layers while they apply (the batched mixture of a GM net); ``net.layers`` stays
+        self.fused_groups = []
         #: on the GPU, synchronise the device around every layer call so that the
         #: per-layer ``forward_time`` / ``backward_time`` measure the layer's GPU work
         #: (for profiling; it serialises the host and the device, so leave it off
@@ -451,6 +454,10 @@ class DagNN:
     def has_var(self, name):
         """Whether the net has a var called ``name``."""
         return name in self._var_map
+
+    def has_layer(self, name):
+        """Whether the net has a layer called ``name``."""
+        return name in self._layer_map
 
     # ------------------------------------------------------------------ sizes & printing
     def get_var_sizes(self, input_sizes):

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from . import backend, routing
+from .plan import execution_plan
 
 
 class EvalError(ValueError):
@@ -98,7 +99,9 @@ class Executor:
 
     * ``routes``: routed layer name -> the batch indices it ran on (None / empty when
       no image selected it);
-    * ``route_indexes``: gate var name -> its :class:`pydagnn.routing.RouteIndex`.
+    * ``route_indexes``: gate var name -> its :class:`pydagnn.routing.RouteIndex`;
+    * ``plan``: the entries it ran (:func:`pydagnn.plan.execution_plan`: layers, and
+      fused groups in place of their members), with their clocks.
 
     ``after_backward_hooks``: callables ``hook(net)`` run, in order, once the param
     derivatives of a backward are complete (and before the optimizer sees them): where
@@ -110,12 +113,15 @@ class Executor:
         self.routes = {}
         self.route_indexes = {}
         self.after_backward_hooks = []
+        self.plan = []
+        self._state = {}
+        self._skipped_vars = set()
 
     # ------------------------------------------------------------------ eval
     def eval(self, inputs, der_outputs=None):
         """See :meth:`pydagnn.dagnn.DagNN.eval`."""
         net = self.net
-        order = net.execution_order          # brings the tables up to date
+        net.execution_order                  # brings the tables up to date
         inputs = pairs(inputs, 'eval inputs')
         der_outputs = pairs(der_outputs, 'eval der_outputs') if der_outputs is not None else None
         net.computing_derivative = bool(der_outputs)
@@ -129,11 +135,13 @@ class Executor:
                 p.der = None
         for name, value in inputs.items():
             net.vars[net.var_index(name)].value = self._to_net_device(value)
-        skipped = self.forward(order)
+        self.plan = execution_plan(net)
+        skipped = self.forward(self.plan)
         if der_outputs:
             self.seed_derivatives(der_outputs)
-            self.backward(order, skipped)
+            self.backward(self.plan, skipped)
             self.after_backward()
+        self._state = {}
 
     def _to_net_device(self, x):
         if self.net.device == 'gpu' and isinstance(x, np.ndarray):
@@ -151,7 +159,7 @@ class Executor:
                 raise KeyError(f'eval: der_outputs names {name!r}, which is not a var of this net; '
                                f'its outputs are {net.get_outputs()}')
 
-    def _keep(self):
+    def _keep(self, plan):
         """Per var: keep its value after its last forward consumer."""
         net = self.net
         if not net.conserve_memory:
@@ -164,7 +172,7 @@ class Executor:
         # with ``backward_needs_outputs = False``). MatConvNet's ReLU short circuit,
         # generalised: conv -> BN -> ReLU keeps the conv output and the ReLU output only.
         keep = [False] * len(net.vars)
-        for l in net.layers:
+        for l in plan:
             if l.block.backward_needs_inputs:
                 for i in l.input_indexes:
                     keep[i] = True
@@ -174,21 +182,26 @@ class Executor:
         return keep
 
     # ------------------------------------------------------------------ forward
-    def forward(self, order):
-        """Run the layers forward in ``order`` (layer indexes); returns the set of
-        skipped layer indexes."""
+    def forward(self, plan):
+        """Run the entries of ``plan`` forward (layers; fused groups, see
+        :mod:`pydagnn.plan`); returns the set of the skipped entries' positions."""
         net = self.net
-        pending = [v.fanout for v in net.vars]
-        keep = self._keep()
+        pending = [0] * len(net.vars)
+        for layer in plan:
+            for i in layer.input_indexes:
+                pending[i] += 1
+        keep = self._keep(plan)
         skipped = set()
+        self._skipped_vars = set()
         self.routes = {}
         self.route_indexes = {}
+        self._state = {}
         sync = self._timing_sync()
-        for li in order:
-            layer = net.layers[li]
+        for li, layer in enumerate(plan):
             ins = self._layer_inputs(layer, skipped)
             if ins is None:
                 skipped.add(li)
+                self._skipped_vars.update(layer.output_indexes)
                 for o in layer.output_indexes:
                     net.vars[o].value = None
                 continue
@@ -198,10 +211,18 @@ class Executor:
             outs = self._call(layer, 'forward', ins, pars)
             sync()
             layer.forward_time = time.perf_counter() - t0
-            if not isinstance(outs, (list, tuple)) or len(outs) != len(layer.outputs):
+            n_state = layer.block.state_outputs
+            if not isinstance(outs, (list, tuple)) or len(outs) != len(layer.outputs) + n_state:
                 raise EvalError(f'layer {layer.name!r} ({layer.type}) returned '
                                 f'{len(outs) if isinstance(outs, (list, tuple)) else type(outs).__name__} '
-                                f'outputs, it declares {len(layer.outputs)}: {layer.outputs}')
+                                f'outputs, it declares {len(layer.outputs)}: {layer.outputs}'
+                                + (f' and {n_state} state' if n_state else ''))
+            if n_state:
+                # private state for this eval's backward (none kept without derivatives)
+                if net.computing_derivative:
+                    self._state[li] = list(outs[len(layer.outputs):])
+                outs = outs[:len(layer.outputs)]
+                self._record_member_routes(layer)
             for o, val in zip(layer.output_indexes, outs):
                 net.vars[o].value = val
             for i in layer.input_indexes:
@@ -227,38 +248,42 @@ class Executor:
         if missing and not layer.block.accepts_missing_inputs:
             return None
         if layer.route is not None and ins:
-            idx = self._route(layer)
+            idx = self._route(layer.name, layer.route)
             self.routes[layer.name] = idx
             if idx is None or len(idx) == 0:
                 return None
             ins[0] = routing.gather(ins[0], idx)
         return ins
 
-    def _route(self, layer):
+    def _record_member_routes(self, group):
+        """``routes`` of a fused group's routed members, as if they had run."""
+        for name, route in group.routed:
+            self.routes[name] = self._route(name, route)
+
+    def _route(self, name, route):
         """The batch indices (in batch order) of the images the layer's gate selects for
         its component: a device array on the GPU. All components of one gate are
         resolved together, once per eval, by the gate value's
         :class:`~pydagnn.routing.RouteIndex` (one argsort of the mask on the device, the
         counts carried by the gate value or fetched in one transfer)."""
-        gate_name, k = layer.route
+        gate_name, k = route
         index = self.route_indexes.get(gate_name)
         if index is None:
             gate = self.net.get_var(gate_name).value
             try:
                 index = routing.route_index(gate)
             except ValueError:
-                raise EvalError(f'layer {layer.name!r} is routed by var {gate_name!r}, whose value is '
+                raise EvalError(f'layer {name!r} is routed by var {gate_name!r}, whose value is '
                                 f'{shape_str(gate)}; expected the gating tuple (weights, mask, ...)') from None
             self.route_indexes[gate_name] = index
         i = int(k) - 1
         if not 0 <= i < len(index):
-            raise EvalError(f'layer {layer.name!r} is routed to component {k} of var {gate_name!r}, '
+            raise EvalError(f'layer {name!r} is routed to component {k} of var {gate_name!r}, '
                             f'whose mask has {len(index)} rows')
         return index.indices(i)
 
     def _skipped_var(self, var_index, skipped):
-        layers = self.net.layers
-        return any(var_index in layers[li].output_indexes for li in skipped)
+        return var_index in self._skipped_vars
 
     def _no_value_message(self, layer, name, i):
         v = self.net.vars[i]
@@ -305,13 +330,13 @@ class Executor:
                 raise EvalError(f'der_outputs[{name!r}] has shape {d.shape}, the var has {val.shape}')
             var.der = d
 
-    def backward(self, order, skipped):
-        """Run the layers backward in reverse ``order``, accumulating derivatives."""
+    def backward(self, plan, skipped):
+        """Run the entries of ``plan`` backward in reverse, accumulating derivatives."""
         net = self.net
         touched = set()
         sync = self._timing_sync()
-        for li in reversed(order):
-            layer = net.layers[li]
+        for li in range(len(plan) - 1, -1, -1):
+            layer = plan[li]
             if li in skipped:
                 continue
             ders = [net.vars[o].der for o in layer.output_indexes]
@@ -324,6 +349,8 @@ class Executor:
                 ins[0] = routing.gather(full, idx)
             pars = [net.params[i].value for i in layer.param_indexes]
             outs = [net.vars[o].value for o in layer.output_indexes]
+            if layer.block.state_outputs:
+                outs += self._state.pop(li, [None] * layer.block.state_outputs)
             sync()
             t0 = time.perf_counter()
             der_ins, der_pars = self._call(layer, 'backward', ins, pars, ders, outs)

@@ -140,6 +140,16 @@ class Layer:
         was skipped (a routed component that no image selected; ``CM_out``), instead of
         skipping this layer too.
       * :meth:`move`: called by ``DagNN.move(device)``.
+      * ``batch_independent``: forward (and backward) on a batch equals the block run on
+        each image alone, the results joined along the batch axis (no statistics across
+        images, no random draws, no state). Such a block may run once on a stack of
+        several routed components' images: the batched mixture
+        (:mod:`pydagnn.layers.mixture`) runs its param-free stages that way, and its
+        param stages per component on that component's block of the stack.
+      * ``state_outputs``: the number of trailing forward outputs that are the block's
+        private state for backward (not vars: the executor keeps them for the backward
+        of the same eval and passes them after the declared outputs). 0 for every
+        MatConvNet block; the batched mixture keeps its stacked intermediates so.
 
     Trainer (:func:`pydagnn.train.cnn_train_dag`) and loader hooks -- how a model family
     (GM-SOP) takes part without the engine, trainer or loader knowing its layer names:
@@ -171,6 +181,10 @@ class Layer:
     backward_needs_outputs = True
     #: forward gets ``None`` for an input whose producer was skipped, instead of being skipped
     accepts_missing_inputs = False
+    #: the block on a batch = the block on each image alone, joined along the batch axis
+    batch_independent = False
+    #: trailing forward outputs that are private state for backward (kept by the executor)
+    state_outputs = 0
     #: positions of the outputs the trainer reads after eval (their vars become precious)
     trainer_reads = ()
     #: ``'module:function'`` the loader calls with the net when a layer of this type is present

@@ -12,13 +12,16 @@ block provides them, else one transfer).
 * :func:`route_index` -- the :class:`RouteIndex` of a gate value (cached on a
   :class:`GateValue`, so the engine and ``CM_out`` share it within a step);
 * :func:`gather` / :func:`scatter` -- the routed images of an ``H x W x C x N`` map,
-  and the whole-batch derivative from theirs (zeros elsewhere).
+  and the whole-batch derivative from theirs (zeros elsewhere);
+* :meth:`RouteIndex.pairs` -- all (image, component) pairs at once, grouped by
+  component: what the batched mixture (:mod:`pydagnn.layers.mixture`) runs on, with
+  :func:`scatter_add` summing the pairs' derivatives (or weighted outputs) per image.
 """
 import numpy as np
 
 from . import backend
 
-__all__ = ['GateValue', 'RouteIndex', 'route_order', 'route_index', 'gather', 'scatter']
+__all__ = ['GateValue', 'RouteIndex', 'Pairs', 'route_order', 'route_index', 'gather', 'scatter', 'scatter_add']
 
 
 class GateValue(tuple):
@@ -52,7 +55,7 @@ class RouteIndex:
     """The images of every component of one gate value: ``order`` (:func:`route_order`,
     on the mask's device) and ``counts`` (host ints, one per component; read from the
     device on first use when the gate value did not carry them)."""
-    __slots__ = ('order', '_mask', '_counts')
+    __slots__ = ('order', '_mask', '_counts', '_pairs')
 
     def __init__(self, mask, counts=None):
         mask = mask.astype(bool, copy=False)
@@ -61,6 +64,7 @@ class RouteIndex:
         self._mask = mask if counts is None else None
         self._counts = None if counts is None else [int(c) for c in np.asarray(counts).reshape(-1)]
         self.order = route_order(mask)
+        self._pairs = None
 
     @property
     def counts(self):
@@ -76,6 +80,40 @@ class RouteIndex:
         """The batch indices (in batch order) of component ``i`` (0-based); a device array
         on the GPU."""
         return self.order[i, :self.counts[i]]
+
+    def pairs(self):
+        """All (image, component) pairs, grouped by component (see :class:`Pairs`);
+        computed once per index from ``order`` and the host counts (one small host-to-
+        device copy of the pair positions, no read back)."""
+        if self._pairs is None:
+            self._pairs = Pairs(self.order, self.counts)
+        return self._pairs
+
+
+class Pairs:
+    """The P = sum(counts) (image, component) pairs of a gate, component 1's first,
+    images in batch order within a component:
+
+    * ``image`` -- ``(P,)`` batch index of each pair (on the mask's device);
+    * ``component`` -- ``(P,)`` 0-based component of each pair (same device);
+    * ``bounds`` -- host list of ``(start, stop)`` per component: pairs
+      ``start:stop`` are component i's (empty when no image selects it)."""
+    __slots__ = ('image', 'component', 'bounds')
+
+    def __init__(self, order, counts):
+        xp = backend.get_array_module(order)
+        K, N = order.shape
+        stops = np.cumsum(counts).tolist()
+        self.bounds = list(zip([0] + stops[:-1], stops))
+        # flat positions into the K x N order, built on the host (counts are host ints)
+        flat = np.concatenate([i * N + np.arange(c, dtype=np.int64) for i, c in enumerate(counts)]
+                              + [np.zeros(0, np.int64)])
+        flat = xp.asarray(flat)
+        self.image = order.reshape(-1)[flat]
+        self.component = flat // N
+
+    def __len__(self):
+        return self.bounds[-1][1] if self.bounds else 0
 
 
 def route_index(gate):
@@ -107,4 +145,27 @@ def scatter(full, idx, der):
     xp = backend.get_array_module(der)
     out = xp.zeros(full.shape, dtype=der.dtype, order='F')
     out.T[idx] = der.T
+    return out
+
+
+
+def scatter_add(shape, pairs, vals):
+    """``out`` of ``shape`` (``... x N``, Fortran order) with ``out[..., n]`` = the sum,
+    in component order, of ``vals[..., p]`` over the pairs p of image n (zeros for an
+    image without pairs): per-image sums of pair values (``vals``: ``... x P``, pairs as
+    :class:`Pairs` orders them).
+
+    Within one component the images are distinct, so on the CPU each component's block
+    is one plain row-indexed add (K vectorised adds: measured 1.5 ms against 40 ms for
+    ``np.add.at`` on 8x8x128x256 pairs, and it sums in the looped path's order). On the
+    GPU it is one ``cupyx.scatter_add`` kernel."""
+    xp = backend.get_array_module(vals)
+    out = xp.zeros(shape, dtype=vals.dtype, order='F')
+    if backend.is_gpu_array(vals):
+        import cupyx
+        cupyx.scatter_add(out.T, pairs.image, vals.T)
+        return out
+    for a, b in pairs.bounds:
+        if b > a:
+            out.T[pairs.image[a:b]] += vals.T[a:b]
     return out
