@@ -225,6 +225,10 @@ class Executor:
                 self._record_member_routes(layer)
             for o, val in zip(layer.output_indexes, outs):
                 net.vars[o].value = val
+                # read by layers of the net, but none in the plan (a fused group's
+                # member read it, as CM_out reads the CM outputs): its last use is over
+                if pending[o] == 0 and net.vars[o].fanout and not keep[o] and not net.vars[o].precious:
+                    net.vars[o].value = None
             for i in layer.input_indexes:
                 pending[i] -= 1
                 if pending[i] == 0 and not keep[i] and not net.vars[i].precious:
