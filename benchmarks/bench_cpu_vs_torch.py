@@ -25,6 +25,11 @@ over its iterations too. Prints JSON lines:
   {"kind": "split", ...} per model: pydagnn's per-layer clocks grouped by block type
    (the executor's plan entries: a fused group counts as its own type), over all timed fwd_bwd steps of all rounds.
 
+``--mixture looped,batched`` also times, in the same rounds, each GM model with its
+mixture run layer by layer (``set_batched_mixture(net, False)``, the path before the
+batched mixture) besides the default batched one: records get ``"mixture": "looped"`` /
+``"batched"``.
+
 The machine's load (``os.getloadavg`` per round, ``uptime`` at the end) is part of the
 result: on a shared machine, compare the ratio, not the absolute figures.
 """
@@ -56,6 +61,7 @@ def _parse(argv):
     ap.add_argument('--torch-bench', default=DEFAULT_TORCH_BENCH)
     ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--out', default=None, help='also append the JSON lines to this file')
+    ap.add_argument('--mixture', default='batched', help='comma list of batched,looped (GM models)')
     return ap.parse_args(argv)
 
 
@@ -72,16 +78,18 @@ def _uptime():
 
 def _entries(net):
     """What the executor ran (its plan: layers, fused groups in place of their members)."""
-    return getattr(net.executor, 'plan', None) or net.layers
+    return net.executor.plan or net.layers
 
 
 class PydagnnModel:
     """One built net, random data of the reference's shape, and the SGD state."""
 
-    def __init__(self, model, batch, seed):
+    def __init__(self, model, batch, seed, mixture='batched'):
         import numpy as np
         from pydagnn.models import build
+        from pydagnn.models.gm import set_batched_mixture
         self.net = build(model, num_classes=1000, seed=seed)
+        self.mixture = mixture if set_batched_mixture(self.net, mixture == 'batched') or mixture == 'looped' else None
         self.batch = batch
         rng = np.random.default_rng(seed + 1)
         size = int(self.net.meta['normalization']['imageSize'][0])
@@ -166,28 +174,39 @@ def _emit(rec, out):
 def main(argv=None):
     args = _parse(sys.argv[1:] if argv is None else argv)
     models = args.models.split(',')
-    nets = {m: PydagnnModel(m, args.batch, args.seed) for m in models}
+    paths = args.mixture.split(',')
+    nets = {}
+    for m in models:
+        for path in paths:
+            p = PydagnnModel(m, args.batch, args.seed, path)
+            if p.mixture is not None or path == paths[0]:   # a model without a mixture: once
+                nets[m, p.mixture] = p
     load_start = _load()
-    per = {m: {'pydagnn_train': [], 'pydagnn_fwd_bwd': [], 'torch_train': []} for m in models}
+    per = {key: {'pydagnn_train': [], 'pydagnn_fwd_bwd': [], 'torch_train': []} for key in nets}
     for r in range(args.rounds):
         for m in models:
-            p = nets[m]
-            fb = p.time(False, args.warmup, args.iters)
-            tr = p.time(True, args.warmup, args.iters)
-            tt = torch_round(args, m)
-            rec = {'kind': 'round', 'round': r, 'model': m,
-                   'pydagnn_train_images_per_s': round(args.batch / tr, 2),
-                   'pydagnn_fwd_bwd_images_per_s': round(args.batch / fb, 2),
-                   'torch_train_images_per_s': round(tt, 2), 'load_avg': _load()}
-            for k in per[m]:
-                per[m][k].append(rec[k + '_images_per_s'])
-            _emit(rec, args.out)
-    for m in models:
-        med = {k + '_images_per_s': round(statistics.median(v), 2) for k, v in per[m].items()}
-        _emit({'kind': 'summary', 'model': m, 'rounds': args.rounds, 'batch': args.batch, **med,
+            tt = None
+            for key in [k for k in nets if k[0] == m]:
+                p = nets[key]
+                fb = p.time(False, args.warmup, args.iters)
+                tr = p.time(True, args.warmup, args.iters)
+                tt = torch_round(args, m) if tt is None else tt   # one reference run per model and round
+                rec = {'kind': 'round', 'round': r, 'model': m, 'mixture': key[1],
+                       'pydagnn_train_images_per_s': round(args.batch / tr, 2),
+                       'pydagnn_fwd_bwd_images_per_s': round(args.batch / fb, 2),
+                       'torch_train_images_per_s': round(tt, 2), 'load_avg': _load()}
+                for k in per[key]:
+                    per[key][k].append(rec[k + '_images_per_s'])
+                _emit(rec, args.out)
+    for key, p in nets.items():
+        med = {k + '_images_per_s': round(statistics.median(v), 2) for k, v in per[key].items()}
+        _emit({'kind': 'summary', 'model': key[0], 'mixture': key[1], 'rounds': args.rounds, 'batch': args.batch,
+               **med,
                'ratio_train': round(med['pydagnn_train_images_per_s'] / med['torch_train_images_per_s'], 3),
                'load_avg_start': load_start, 'load_avg_end': _load(), 'uptime': _uptime()}, args.out)
-        _emit(nets[m].split(m), args.out)
+        rec = p.split(key[0])
+        rec['mixture'] = key[1]
+        _emit(rec, args.out)
     return 0
 
 

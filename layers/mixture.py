@@ -115,6 +115,8 @@ class MixtureBlock(Layer):
         x, gate = inputs[0], inputs[1]
         pairs = route_index(gate).pairs()
         sfm = gate[0]
+        if len(pairs.bounds) != self.K:
+            raise ValueError(f'mixture: the gate has {len(pairs.bounds)} components, the mixture {self.K}')
         P = len(pairs)
         if P == 0:
             xp = get_array_module(sfm)

@@ -91,8 +91,9 @@ def _local_names(layers, entry):
 
 
 def _wiring(layers, names):
-    """Per layer: (type, saved properties, local inputs, local outputs, number of params)."""
-    return [(l.type, l.block.save(), tuple(names.get(v) for v in l.inputs),
+    """Per layer: (type, saved properties, local inputs, local outputs, number of params);
+    the properties by ``repr`` (they may hold small arrays, which ``==`` cannot compare)."""
+    return [(l.type, repr(sorted(l.block.save().items())), tuple(names.get(v) for v in l.inputs),
              tuple(names[v] for v in l.outputs), len(l.params)) for l in layers]
 
 
@@ -144,7 +145,7 @@ def fuse_mixture(net):
     ``CM_out`` reads, as the looped path leaves them), and holds every chain param by
     its own name (component-major), so an original loaded net and a built one take
     the same path."""
-    from pydagnn.layers.mixture import MixtureBlock, Stage, ROUTED_INPUT
+    from pydagnn.layers.mixture import MixtureBlock, Stage
     from pydagnn.plan import FusedGroup
     fusions = [l for l in net.layers if l.type == 'dagnn.CM_out']
     if len(fusions) != 1:
@@ -159,15 +160,14 @@ def fuse_mixture(net):
     stages = [Stage([c[j].block for c in chains], [names[v] for v in layer.inputs],
                     [names[v] for v in layer.outputs], len(layer.params))
               for j, layer in enumerate(first)]
-    assert names[first[0].inputs[0]] == ROUTED_INPUT
-    block = MixtureBlock(stages, names[fusion.inputs[1]], int(first_hdim(fusion)))
+    block = MixtureBlock(stages, names[fusion.inputs[1]], _hdim(fusion))
     params = [p for chain in chains for l in chain for p in l.params]
     members = [l.name for chain in chains for l in chain] + [fusion.name]
     outputs = list(fusion.outputs) + list(fusion.inputs[1:])     # the fusion, then each CM's output
     return FusedGroup(net, MIXTURE_NAME, block, [trunk, fusion.inputs[0]], outputs, params, members)
 
 
-def first_hdim(fusion):
+def _hdim(fusion):
     """``CM_out``'s ``hdim`` (D' when no component has an image) as an int."""
     import numpy as np
     return int(np.asarray(fusion.block.hdim, dtype=np.float64).ravel()[0])
