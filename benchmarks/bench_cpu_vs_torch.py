@@ -87,9 +87,10 @@ class PydagnnModel:
     def __init__(self, model, batch, seed, mixture='batched'):
         import numpy as np
         from pydagnn.models import build
-        from pydagnn.models.gm import set_batched_mixture
+        from pydagnn.models.gm import fuse_mixture, set_batched_mixture
         self.net = build(model, num_classes=1000, seed=seed)
-        self.mixture = mixture if set_batched_mixture(self.net, mixture == 'batched') or mixture == 'looped' else None
+        self.mixture = mixture if fuse_mixture(self.net) is not None else None   # None: no mixture
+        set_batched_mixture(self.net, mixture == 'batched')
         self.batch = batch
         rng = np.random.default_rng(seed + 1)
         size = int(self.net.meta['normalization']['imageSize'][0])

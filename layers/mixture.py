@@ -186,7 +186,7 @@ class MixtureBlock(Layer):
             cut = lambda vs: [_block_of(v, a, b) for v in vs]  # noqa: E731
             dins, dpars = s.blocks[i].backward(cut(ins), self._params(params, i, si), cut(douts), cut(outs))
             off = self.param_offsets[i] + sum(t.n_params for t in self.stages[:si])
-            for k, d in enumerate(dpars or ()):
+            for k, d in enumerate(list(dpars or ())[:s.n_params]):
                 der_params[off + k] = d
             parts.append(dins)
         live = [p for p in parts if p is not None]
