@@ -6,7 +6,9 @@ accumulating into ``vars[i].der`` and ``params[i].der``. It owns the policies of
 run: ``conserve_memory`` (which values are freed when), ``precious`` vars, the block
 ``mode``, per-layer timing and the routing of gated layers (:mod:`pydagnn.routing`).
 The tables, their building and the order live in :mod:`pydagnn.dagnn`; ``DagNN.eval``
-delegates here.
+delegates here. What runs is the execution plan (:mod:`pydagnn.plan`): the layers in
+order, with each applicable fused group (the batched mixture of a GM net) in place of
+its member layers.
 
 Differences from the original, on purpose (see SPEC.md, "known defects"):
   * every ``eval`` starts from clean values and derivatives, so results never depend
