@@ -13,9 +13,11 @@ one (off). Each round times both, alternately: ``forward`` (eval without derivat
 and ``forward_backward`` (eval with ``der_outputs = {'Fusion_out': dz}``), the median
 of ``--iters`` calls after one warm-up. Prints JSON lines:
 
-  {"kind": "round", "round", "path", "forward_s", "forward_backward_s", "load_avg"}
+  {"kind": "round", "round", "path", "forward_s", "forward_backward_s", "forward_cpu_s",
+   "forward_backward_cpu_s" (process CPU seconds, all threads), "load_avg"}
   {"kind": "mixture", "N", "k", "K", "C", medians over rounds per path,
-   "speedup_forward", "speedup_forward_backward" (looped / batched), "load_avg_start",
+   "speedup_forward", "speedup_forward_backward" (looped / batched wall time),
+   "cpu_ratio_forward_backward" (looped / batched CPU time), "load_avg_start",
    "load_avg_end"}
 """
 import argparse
@@ -87,13 +89,16 @@ def random_gate(rng, K, N, k, dtype):
 
 
 def _median_s(fn, iters):
+    """(median wall seconds, median process CPU seconds) of ``iters`` calls after one
+    warm-up. CPU seconds (all threads) are what a loaded shared machine distorts least."""
     fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(iters):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), statistics.median(cs)
 
 
 def _emit(rec, out):
@@ -117,24 +122,27 @@ def main(argv=None):
         return {'x': x, 'gating': random_gate(np.random.default_rng(args.seed + 1), args.K, args.N, args.k,
                                               np.float32)}
     load_start = [round(v, 2) for v in os.getloadavg()]
-    res = {'looped': {'forward_s': [], 'forward_backward_s': []},
-           'batched': {'forward_s': [], 'forward_backward_s': []}}
+    keys = ('forward_s', 'forward_backward_s', 'forward_cpu_s', 'forward_backward_cpu_s')
+    res = {p: {k: [] for k in keys} for p in ('looped', 'batched')}
     for r in range(args.rounds):
         for path in ('looped', 'batched'):
             set_batched_mixture(net, path == 'batched')
-            f = _median_s(lambda: net.eval(feed()), args.iters)
-            fb = _median_s(lambda: net.eval(feed(), {'Fusion_out': dz}), args.iters)
-            res[path]['forward_s'].append(f)
-            res[path]['forward_backward_s'].append(fb)
-            _emit({'kind': 'round', 'round': r, 'path': path, 'forward_s': round(f, 4),
-                   'forward_backward_s': round(fb, 4), 'load_avg': [round(v, 2) for v in os.getloadavg()]},
-                  args.out)
+            f, fc = _median_s(lambda: net.eval(feed()), args.iters)
+            fb, fbc = _median_s(lambda: net.eval(feed(), {'Fusion_out': dz}), args.iters)
+            rec = {'kind': 'round', 'round': r, 'path': path}
+            for k, v in zip(keys, (f, fb, fc, fbc)):
+                res[path][k].append(v)
+                rec[k] = round(v, 4)
+            rec['load_avg'] = [round(v, 2) for v in os.getloadavg()]
+            _emit(rec, args.out)
     med = {p: {k: round(statistics.median(v), 4) for k, v in d.items()} for p, d in res.items()}
     _emit({'kind': 'mixture', 'N': args.N, 'k': args.k, 'K': args.K, 'C': args.C, 'rounds': args.rounds,
            'looped': med['looped'], 'batched': med['batched'],
            'speedup_forward': round(med['looped']['forward_s'] / med['batched']['forward_s'], 2),
            'speedup_forward_backward': round(med['looped']['forward_backward_s']
                                              / med['batched']['forward_backward_s'], 2),
+           'cpu_ratio_forward_backward': round(med['looped']['forward_backward_cpu_s']
+                                               / med['batched']['forward_backward_cpu_s'], 2),
            'load_avg_start': load_start, 'load_avg_end': [round(v, 2) for v in os.getloadavg()]}, args.out)
     return 0
 
