@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from . import backend, routing
-from .plan import execution_plan
+from .plan import FusedGroup, execution_plan
 
 
 class EvalError(ValueError):
@@ -224,6 +224,7 @@ class Executor:
                 if net.computing_derivative:
                     self._state[li] = list(outs[len(layer.outputs):])
                 outs = outs[:len(layer.outputs)]
+            if isinstance(layer, FusedGroup):
                 self._record_member_routes(layer)
             for o, val in zip(layer.output_indexes, outs):
                 net.vars[o].value = val
