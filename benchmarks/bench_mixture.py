@@ -47,6 +47,7 @@ def _parse(argv):
 def mixture_net(K, C, dtype):
     """The DagNN of K component chains on var ``x`` routed by var ``gating``, fused by
     ``Fusion_out``; the batched group set (see :func:`set_batched_mixture`)."""
+    import pydagnn.layers  # noqa: F401  (registers the MatConvNet block types)
     from pydagnn import DagNN
     from pydagnn.layer import block_class
     from pydagnn.models.gm import set_batched_mixture
