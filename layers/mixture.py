@@ -94,6 +94,7 @@ class MixtureBlock(Layer):
         per_comp = sum(s.n_params for s in self.stages)
         self.param_offsets = [i * per_comp for i in range(self.K)]
         self._keep = self._needed_by_backward()
+        self._drop_after = self._last_uses()
 
     def _needed_by_backward(self):
         """The local vars backward reads (the others are dropped after forward, as the
@@ -105,6 +106,20 @@ class MixtureBlock(Layer):
             if s.blocks[0].backward_needs_outputs:
                 keep.update(s.outputs)
         return keep
+
+    def _last_uses(self):
+        """Per stage: the local vars to drop once it has run (read by no later stage,
+        not needed by backward): freed as they go, the stacks of a forward pass stay
+        few, as the engine's conserve_memory keeps them in the looped path."""
+        last = {}
+        for si, s in enumerate(self.stages):
+            for v in s.inputs:
+                last[v] = si
+        drop = [[] for _ in self.stages]
+        for v, si in last.items():
+            if v not in self._keep:
+                drop[si].append(v)
+        return drop
 
     def _params(self, params, i, s_index):
         off = self.param_offsets[i] + sum(s.n_params for s in self.stages[:s_index])
@@ -126,7 +141,10 @@ class MixtureBlock(Layer):
         for si, s in enumerate(self.stages):
             ins = [vals[v] for v in s.inputs]
             outs = self._stage_forward(s, si, ins, params, pairs)
+            del ins
             vals.update(zip(s.outputs, outs))
+            for v in self._drop_after[si]:
+                vals.pop(v, None)
         y = vals[self.output]
         z = fuse_pairs_forward(sfm, pairs, y)
         state = {k: v for k, v in vals.items() if k in self._keep}
