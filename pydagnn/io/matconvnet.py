@@ -305,12 +305,13 @@ def _infer_type(fields, n_inputs, reg):
 def _from_dagnn_struct(top, ctx, prefix):
     from ..dagnn import DagNN
     reg = _registry()
-    for name in ('layers', 'params', 'vars'):
-        if name not in top:
-            raise ctx.error('', f'no `{prefix}{name}` field: not a complete MatConvNet DagNN struct')
+    # dagnn.DagNN.loadobj needs only `layers`; `params` and `vars` are optional (a layer's
+    # param missing from the table stays empty, as addLayer leaves it).
+    if 'layers' not in top:
+        raise ctx.error('', f'no `{prefix}layers` field: not a MatConvNet DagNN struct')
     L = ctx.struct(top['layers'], f'{prefix}layers', ('name', 'inputs', 'outputs', 'params', 'block'))
-    P = ctx.struct(top['params'], f'{prefix}params', ('name', 'value'))
-    V = ctx.struct(top['vars'], f'{prefix}vars', ('name',))
+    P = _optional_table(top, 'params', ('name', 'value'), ctx, prefix)
+    V = _optional_table(top, 'vars', ('name',), ctx, prefix)
     net = DagNN()
     seen = set()
     for i, e in enumerate(L.elements):
@@ -348,16 +349,13 @@ def _from_dagnn_struct(top, ctx, prefix):
         pname = ctx.string(e['name'], f'{w}.name')
         if pname in file_params:
             raise ctx.error(f'{w}.name', f'duplicate param name {pname!r}')
-        file_params[pname] = (i, e)
         try:
             net.param_index(pname)
         except KeyError:
-            raise ctx.error(f'{w}.name', f'param {pname!r} is not used by any layer') from None
-    for layer in net.layers:
-        for p in layer.params:
-            if p not in file_params:
-                raise ctx.error(f'{prefix}params', f'layer {layer.name!r} ({layer.block.type_name}) names the param '
-                                                   f'{p!r}, which is not in the params table')
+            # loadobj assigns to getParamIndex(name) = [], which does nothing
+            warnings.warn(f'{ctx.path}: {w}: param {pname!r} is not used by any layer; ignored')
+            continue
+        file_params[pname] = (i, e)
     first_use = {}
     for layer in net.layers:
         for k, p in enumerate(layer.params):
@@ -407,7 +405,9 @@ def _from_dagnn_struct(top, ctx, prefix):
         try:
             var = net.get_var(vname)
         except KeyError:
-            raise ctx.error(f'{w}.name', f'var {vname!r} is not an input or output of any layer') from None
+            # as for params: loadobj's assignment to getVarIndex(name) = [] does nothing
+            warnings.warn(f'{ctx.path}: {w}: var {vname!r} is not an input or output of any layer; ignored')
+            continue
         if 'precious' in e:
             pr = e['precious']
             if isinstance(pr, np.ndarray) and pr.size == 1 and pr.dtype.kind in 'biuf':
@@ -463,6 +463,15 @@ def _finalize(net, ctx):
         except (ValueError, KeyError) as err:
             raise ctx.error('', f'cannot finalize the network ({spec}: the routing and execution '
                                 f'order): {err}') from None
+
+
+def _optional_table(top, field, required, ctx, prefix):
+    """The struct array ``top[field]`` (``params`` / ``vars``), or an empty one when the
+    field is absent or an empty array (loadobj: ``if isfield(s, field)``)."""
+    v = top.get(field)
+    if v is None or (isinstance(v, np.ndarray) and v.size == 0):
+        return MatStruct(list(required), [], (0, 0))
+    return ctx.struct(v, f'{prefix}{field}', required)
 
 
 def _make_block(name, type_name, bprops, n_inputs, ctx, where, reg):

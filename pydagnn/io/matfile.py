@@ -879,14 +879,19 @@ def _from_h5(oid, rd, where, depth):
         raise MatFileError(path, where, f'unexpected HDF5 object {type(oid).__name__}')
     empty = _h5_attr(oid, b'MATLAB_empty')
     if empty is not None and empty.reshape(-1)[:1].any():
+        # The data holds the MATLAB dims in MATLAB's order (MATLAB writes zeros(0,3) as
+        # [0 3]); struct() and a fieldless struct array are MATLAB_empty too, with
+        # nonzero dims: MATLAB reads them back with those dims and no fields.
         dims = _h5_read(oid, rd, where).reshape(-1)
         shape = _mshape(int(d) for d in dims) if dims.size >= 2 else (0, 0)
+        if cls == 'struct':
+            if _prod(shape) > 2 ** 20:   # a cap before allocating one dict each
+                raise MatFileError(path, where, f'a fieldless struct of {shape} elements')
+            return MatStruct([], [{} for _ in range(_prod(shape))], shape)
         if _prod(shape) != 0:
             shape = (0, 0)
         if cls == 'cell':
             return MatCell([], shape)
-        if cls == 'struct':
-            return MatStruct([], [], shape)
         if cls == 'char':
             return ''
         return np.zeros(shape, dtype=_H5_CLASSES.get(cls, np.float64), order='F')
@@ -1731,7 +1736,9 @@ class _H5Writer:
     def write(self, parent, name, v, where, parent_path='/'):
         """Write the :func:`to_matlab` value ``v`` as ``name`` into the group ``parent``
         whose path is ``parent_path``."""
-        if isinstance(v, MatStruct) and v.size:
+        # MATLAB writes a struct with no fields (struct(), a Sum block) as a MATLAB_empty
+        # dataset of its dims, not as a group
+        if isinstance(v, MatStruct) and v.size and v.fields:
             g, gpath = self.struct(parent, parent_path, name, v.fields)
             if v.shape == (1, 1):
                 for fn in v.fields:
