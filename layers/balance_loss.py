@@ -71,6 +71,7 @@ class Balance_loss(Layer):
     """Load-balancing loss; ``loss_weight`` (w, 100 in the models) and ``CM_num`` stored
     as the original. Input: the gating tuple; output value ``(loss, RSD, w_sum)``."""
     properties = {'loss_weight': 100, 'CM_num': 16}
+    is_loss = True
     always_backward = True
     #: the trainer reads the value after eval for the ``BalanceLoss`` statistic
     trainer_reads = (0,)

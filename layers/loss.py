@@ -242,6 +242,7 @@ class Loss(Layer):
     zeroes both. The training printout shows ``average``.
     """
     properties = {'loss': 'softmaxlog', 'ignoreAverage': False, 'opts': []}
+    is_loss = True
 
     def __init__(self, **props):
         self.average = 0

@@ -182,8 +182,9 @@ class DagNN:
 
     def remove_layer(self, name):
         """Remove a layer and any var or param nothing else uses."""
-        for n in _names(name):
-            del self.layers[self.layer_index(n)]
+        # indexes first: the name map goes stale as soon as one layer is deleted
+        for i in sorted({self.layer_index(n) for n in _names(name)}, reverse=True):
+            del self.layers[i]
         self._rebuild_maps(prune=True)
 
     def rename_layer(self, old, new):

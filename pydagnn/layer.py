@@ -191,6 +191,9 @@ class Layer:
     net_finalizer = None
     #: role of each param position for shape_param (filter, vector, moments, matrix; asis past the end)
     param_roles = ()
+    #: an objective or an error measure, not part of the prediction (``pydagnn.deploy`` drops it,
+    #: as MatConvNet's cnn_imagenet_deploy drops every dagnn.Loss)
+    is_loss = False
 
     def __init__(self, **props):
         self.net = None
