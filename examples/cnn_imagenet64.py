@@ -220,6 +220,14 @@ def build_net(args, demo, num_classes, image_size, rgb_mean):
                  image_size=image_size, seed=args.seed, **model)
 
 
+def carry_classes(net, imdb):
+    """The imdb's ``meta.classes`` into ``net.meta.classes`` (as cnn_imagenet does), so
+    that ``pydagnn.classify`` names the classes of the trained model."""
+    classes = getattr(imdb.meta, 'classes', None)
+    if classes is not None:
+        net.meta['classes'] = dict(classes) if hasattr(classes, 'keys') else classes
+
+
 def resume_note(exp_dir):
     """Where the same command resumes from, for the Ctrl-C line."""
     from pydagnn.train import find_last_checkpoint
@@ -321,6 +329,7 @@ def main(argv=None):
         num_classes = args.num_classes or (int(labels.max()) if labels.size else 1000)
         image_size, sets = check_imdb(imdb, imdb_path, num_classes)
         net = build_net(args, demo, num_classes, image_size, imdb.meta.rgbMean)
+        carry_classes(net, imdb)
         opts = train_opts(net, args, demo)
         exp_dir = args.exp_dir or os.path.join('data', ('demo-' if demo else '') + net.meta['opt'])
         print(f'cnn_imagenet64: {args.model_type} ({net.num_params() / 1e6:.2f}M params, {num_classes} '

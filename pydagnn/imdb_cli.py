@@ -32,6 +32,8 @@ def make_parser():
     c.add_argument('--layout', choices=('contiguous', 'chunked'), default='contiguous',
                    help='storage of images.data (default: contiguous, fastest random reads)')
     c.add_argument('--chunk', type=int, default=4096, help='images per write (memory bound)')
+    c.add_argument('--classes', help="a class list (ImageNet's map_clsloc.txt: WNID LABEL NAME per "
+                   "line) stored as meta.classes.name / .description")
     c.add_argument('--quiet', action='store_true', help='no progress lines on stderr')
 
     s = sub.add_parser('synth', help='a small learnable synthetic imdb')
@@ -62,6 +64,8 @@ def _check(args):
             raise UsageError(f'--src {args.src}: the folder does not exist')
         if args.chunk < 1:
             raise UsageError(f'--chunk {args.chunk}: must be at least 1')
+        if args.classes and not os.path.isfile(args.classes):
+            raise UsageError(f'--classes {args.classes}: no such file')
     if args.cmd == 'synth':
         for flag, value, low in (('--num-train', args.num_train, 0), ('--num-val', args.num_val, 0),
                                  ('--num-classes', args.num_classes, 1), ('--size', args.size, 1)):
@@ -105,19 +109,24 @@ def _write_failed(e, target):
 
 def _write(args):
     """The convert or synth subcommand (writes ``args.out``)."""
-    from .io.imdb import convert_imagenet64, repack_imdb, synth_imdb
+    from .io.imdb import convert_imagenet64, read_class_list, repack_imdb, synth_imdb
     if args.cmd == 'synth':
         synth_imdb(args.out, num_train=args.num_train, num_val=args.num_val,
                    num_classes=args.num_classes, size=args.size, seed=args.seed,
                    noise=args.noise, version=args.version, layout=args.layout)
         return
+    try:
+        classes = read_class_list(args.classes) if args.classes else None
+    except ValueError as e:
+        raise UsageError(f'--classes {e}') from None
     progress = _progress_callback(args.quiet)
     if os.path.isfile(args.src):
-        repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk, progress=progress)
+        repack_imdb(args.src, args.out, layout=args.layout, chunk=args.chunk, progress=progress,
+                    classes=classes)
     else:
         log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
         convert_imagenet64(args.src, args.out, layout=args.layout, chunk=args.chunk, log=log,
-                           progress=progress)
+                           progress=progress, classes=classes)
 
 
 def run(argv=None):

@@ -176,3 +176,48 @@ def test_cli_user_errors(model_file, args, message):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith('python -m pydagnn.classify: error: ')
     assert message in r.stderr
+
+
+# ---------------------------------------------------------------------------- class names end to end
+MAP_CLSLOC = ('n02119789 1 kit_fox\nn02100735 2 English_setter\nn02110185 3 Siberian_husky\n'
+              'n02096294 4 Australian_terrier\nn02102040 5 English_springer\n')
+NAMES = ['kit fox', 'English setter', 'Siberian husky', 'Australian terrier', 'English springer']
+
+
+def test_read_class_list_and_its_errors(tmp_path):
+    from pydagnn.io.imdb import read_class_list
+    f = tmp_path / 'map_clsloc.txt'
+    f.write_text('n02110185 3 Siberian_husky\n\nn02119789 1 kit_fox\nn02100735 2 English_setter\n')
+    c = read_class_list(f)
+    assert c == {'name': ['n02119789', 'n02100735', 'n02110185'],
+                 'description': ['kit fox', 'English setter', 'Siberian husky']}
+    for bad, msg in (('n01 x fox\n', 'line 1'), ('n01 1 a\nn02 1 b\n', 'listed twice'),
+                     ('n01 1 a\nn03 3 c\n', 'label 2 is missing'), ('\n', 'no classes')):
+        f.write_text(bad)
+        with pytest.raises(ValueError, match=msg):
+            read_class_list(f)
+
+
+def test_converter_and_trainer_carry_class_names(tmp_path):
+    from pydagnn.imdb import main as imdb_main
+    from pydagnn.io.imdb import load_imdb, save_imdb
+    rng = np.random.default_rng(0)
+    src = tmp_path / 'src.mat'
+    save_imdb(src, rng.integers(0, 256, (16, 16, 3, 15), dtype=np.uint8), np.tile([1, 2, 3, 4, 5], 3),
+              np.r_[np.ones(10), 2 * np.ones(5)], meta={'rgbMean': np.array([120.0, 110.0, 100.0])})
+    (tmp_path / 'map_clsloc.txt').write_text(MAP_CLSLOC)
+    out = tmp_path / 'imdb.mat'
+    assert imdb_main(['convert', '--src', str(src), '--out', str(out),
+                      '--classes', str(tmp_path / 'map_clsloc.txt')]) == 0
+    with load_imdb(out) as imdb:
+        assert list(imdb.meta.classes.description) == NAMES
+    assert imdb_main(['convert', '--src', str(src), '--out', str(tmp_path / 'x.mat'),
+                      '--classes', str(tmp_path / 'none.txt')]) == 2
+    exp = tmp_path / 'exp'
+    r = subprocess.run([sys.executable, os.path.join(ROOT, 'examples', 'cnn_imagenet64.py'),
+                        '--model-type', 'ResNet18-GAP', '--imdb', str(out), '--exp-dir', str(exp),
+                        '--epochs', '1', '--batch-size', '6', '--section-len', '1', '--no-plot',
+                        '--no-prefetch'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    net = pydagnn.load_matconvnet(exp / 'net-epoch-1.mat')
+    assert class_names(net.meta) == NAMES

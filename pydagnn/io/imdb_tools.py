@@ -18,7 +18,7 @@ from .errors import MatFileError
 from .imdb_read import load_imdb
 from .imdb_write import DEFAULT_SETS, ImdbWriter, save_imdb
 
-__all__ = ['RgbStats', 'convert_imagenet64', 'repack_imdb', 'synth_imdb']
+__all__ = ['RgbStats', 'convert_imagenet64', 'repack_imdb', 'read_class_list', 'synth_imdb']
 
 
 # ---------------------------------------------------------------------------------------
@@ -139,7 +139,37 @@ def _planes_to_matlab(data, side):
     return data.reshape(data.shape[0], 3, side, side).transpose(2, 3, 1, 0)
 
 
-def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None, progress=None):
+def read_class_list(path):
+    """Class names from a class list such as ImageNet's ``map_clsloc.txt`` (lines
+    ``n02119789 1 kit_fox``: WordNet id, 1-based label, name; downsampled ImageNet's labels
+    follow it) as ``meta.classes`` the way MatConvNet stores it: ``{'name': [wnid per
+    label], 'description': [name per label]}`` (underscores read as spaces). Raises
+    ValueError naming the file and line for anything else."""
+    path = os.fspath(path)
+    rows = {}
+    with open(path, encoding='utf-8') as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) < 3 or not parts[1].isdigit():
+                raise ValueError(f'{path}, line {n}: expected "WNID LABEL NAME", got {line.strip()!r}')
+            label = int(parts[1])
+            if label in rows:
+                raise ValueError(f'{path}, line {n}: label {label} listed twice')
+            rows[label] = (parts[0], ' '.join(parts[2:]).replace('_', ' '))
+    if not rows:
+        raise ValueError(f'{path}: no classes')
+    if sorted(rows) != list(range(1, len(rows) + 1)):
+        missing = sorted(set(range(1, max(rows) + 1)) - set(rows))
+        why = f'label {missing[0]} is missing' if missing else 'a label is below 1'
+        raise ValueError(f'{path}: labels must run 1..{len(rows)}; {why}')
+    labels = sorted(rows)
+    return {'name': [rows[i][0] for i in labels], 'description': [rows[i][1] for i in labels]}
+
+
+def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None, progress=None,
+                       classes=None):
     """Convert downsampled-ImageNet batches (``train_data_batch_1..10``, ``val_data``: pickled
     dicts, or ``.npz``) in directory ``src`` into an imdb.mat (v7.3) at ``out``.
 
@@ -192,10 +222,12 @@ def convert_imagenet64(src, out, layout='contiguous', chunk=4096, log=None, prog
             log(f'{os.path.basename(p)}: {data.shape[0]} images (set {setv})')
             del data, labels
         w.meta.update(stats.meta())
+        if classes is not None:
+            w.meta['classes'] = classes
     return out
 
 
-def repack_imdb(src, out, layout='contiguous', chunk=4096, progress=None):
+def repack_imdb(src, out, layout='contiguous', chunk=4096, progress=None, classes=None):
     """Copy an imdb.mat (e.g. MATLAB's own, gzip-chunked) into the fast v7.3 layout,
     streaming ``chunk`` images at a time. Other meta fields are kept. ``progress(done,
     total)`` as for :func:`convert_imagenet64`."""
@@ -205,6 +237,8 @@ def repack_imdb(src, out, layout='contiguous', chunk=4096, progress=None):
         meta = dict(extra)
         if 'rgbMean' in imdb.meta:
             meta['rgbMean'] = np.asarray(imdb.meta.rgbMean).reshape(-1, 1)
+        if classes is not None:
+            meta['classes'] = classes
         save_imdb(out, images.data, images.labels, images.set, meta, layout=layout, chunk=chunk,
                   progress=progress)
     return out
