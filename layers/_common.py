@@ -6,18 +6,24 @@
 * shapes: :func:`window_outputs` (MatConvNet's output-size formula), :func:`as4d` (MATLAB
   drops trailing singleton dimensions: every map is read back as 4-D), :func:`float_map`,
   :func:`shape4`,
-  :func:`fortran` (a Fortran-contiguous cast without a needless copy), :func:`dy_like`
-  and :func:`output_derivative` (checks of an output derivative).
+  :func:`fortran` (a Fortran-contiguous cast without a needless copy), :func:`dy_like`,
+  :func:`map_and_derivative` and :func:`output_derivative` (checks of an output derivative);
+* text: :func:`as_text` (a MATLAB char array as loaded -> str);
+* filter-bank blocks (Conv, ConvTranspose): :func:`conv_bias`, :func:`filter_ders`;
+* :class:`ParamMapLayer`, the block of an op ``y = f(x, param)`` with no params (LRN,
+  NormOffset, SpatialNorm).
 
 Errors are ``ValueError`` naming the op (``op``) and what it got.
 """
 import numpy as np
 
 from pydagnn.backend import get_array_module
+from pydagnn.layer import Layer
 
 __all__ = ['ints', 'parse_pad', 'parse_pair', 'int_option', 'flag', 'first_value', 'as_scalar',
            'opts_to_dict', 'window_outputs', 'as4d', 'float_map', 'shape4', 'fortran', 'dy_like',
-           'output_derivative']
+           'map_and_derivative', 'output_derivative', 'as_text', 'conv_bias', 'filter_ders',
+           'ParamMapLayer']
 
 
 # --------------------------------------------------------------------------- options
@@ -151,13 +157,13 @@ def as4d(a, name, op, xp=None):
     return a
 
 
-def float_map(x, op):
+def float_map(x, op, name='x'):
     """``(x4, xp)``: a feature map ``x`` as a 4-D array of its own module ``xp`` (numpy or
     cupy), which must be float32 or float64 (the geometries of conv and pooling)."""
     xp = get_array_module(x)
-    x = as4d(x, 'x', op, xp)
+    x = as4d(x, name, op, xp)
     if x.dtype.kind != 'f':
-        raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
+        raise ValueError(f'{op}: {name} must be float32 or float64, got {x.dtype}')
     return x, xp
 
 
@@ -184,6 +190,14 @@ def dy_like(x, dy, op, name='dy'):
     return dy if dy.shape == x.shape else dy.reshape(x.shape, order='F')
 
 
+def map_and_derivative(x, dy, op):
+    """``(x4, dy4, xp)`` of a backward: ``x`` as :func:`float_map` reads it, ``dy`` in its
+    shape (see :func:`dy_like`) and dtype."""
+    x4, xp = float_map(x, op)
+    dy4 = dy_like(x4, xp.asarray(dy), op).astype(x4.dtype, copy=False)
+    return x4, dy4, xp
+
+
 def output_derivative(g, dy, op):
     """``dy`` of a geometry ``g``'s call (conv or pool: ``g.out_shape``, ``g.dtype``, ``g.xp``,
     ``g.describe()``), checked against the output shape, Fortran-contiguous in g.dtype."""
@@ -191,3 +205,48 @@ def output_derivative(g, dy, op):
     if dy.shape != g.out_shape:
         raise ValueError(f'{op}: dy has shape {dy.shape}, expected {g.out_shape} ({g.describe()})')
     return fortran(dy, g.dtype, g.xp)
+
+
+# --------------------------------------------------------------------------- text
+def as_text(v):
+    """A MATLAB string option as loaded (a str, or a char array of single characters) -> str."""
+    if isinstance(v, np.ndarray):
+        v = ''.join(str(c) for c in v.ravel().tolist()) if v.size else ''
+    return str(v)
+
+
+# --------------------------------------------------------------------------- filter-bank blocks
+def conv_bias(has_bias, params):
+    """The bias of a Conv / ConvTranspose layer: ``params[1]`` when ``hasBias`` and it is
+    there and not empty, else None."""
+    if flag(has_bias) and len(params) > 1 and params[1] is not None and np.size(params[1]) > 0:
+        return params[1]
+    return None
+
+
+def filter_ders(inputs, params, dx, dw, db):
+    """``(der_inputs, der_params)`` of a filter-bank block: the derivatives in the shapes
+    of the values (MATLAB may have dropped their trailing singleton dimensions)."""
+    der_params = [dw.reshape(np.shape(params[0]), order='F')] + [None] * (len(params) - 1)
+    if db is not None:
+        der_params[1] = db.reshape(np.shape(params[1]))
+    return [dx.reshape(np.shape(inputs[0]), order='F')], der_params
+
+
+# --------------------------------------------------------------------------- blocks
+class ParamMapLayer(Layer):
+    """The block of an op ``y = forward_op(x, self.param)`` with derivative
+    ``backward_op(x, self.param, dy)`` and no params: inputs [x], outputs [y], y of x's
+    size. Subclasses set ``properties = {'param': default}`` and the two ops
+    (``staticmethod``)."""
+    backward_needs_outputs = False
+    forward_op = backward_op = None
+
+    def forward(self, inputs, params):
+        return [self.forward_op(inputs[0], self.param)]
+
+    def backward(self, inputs, params, der_outputs, outputs=None):
+        return [self.backward_op(inputs[0], self.param, der_outputs[0])], []
+
+    def get_output_sizes(self, input_sizes):
+        return list(input_sizes[:1]) or [None]

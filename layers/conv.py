@@ -31,8 +31,8 @@ import numpy as np
 
 from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, check_filter_params, register
-from pydagnn.layers._common import (as4d, flag, float_map, fortran, output_derivative, parse_pad,
-                                    parse_pair, window_outputs)
+from pydagnn.layers._common import (as4d, conv_bias, filter_ders, flag, float_map, fortran,
+                                    output_derivative, parse_pad, parse_pair, window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels import im2col_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import parallel_for
@@ -466,25 +466,15 @@ class Conv(Layer):
         """The filters against ``size``, the biases against the filters' Cout."""
         check_filter_params(values, names, self.size, out_axis=3)
 
-    def _bias(self, params):
-        if flag(self.hasBias) and len(params) > 1 and params[1] is not None \
-                and np.size(params[1]) > 0:
-            return params[1]
-        return None
-
     def forward(self, inputs, params):
-        return [conv_forward(inputs[0], params[0], self._bias(params),
+        return [conv_forward(inputs[0], params[0], conv_bias(self.hasBias, params),
                              pad=self.pad, stride=self.stride, dilate=self.dilate)]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
-        b = self._bias(params)
+        b = conv_bias(self.hasBias, params)
         dx, dw, db = conv_backward(inputs[0], params[0], b, der_outputs[0],
                                    pad=self.pad, stride=self.stride, dilate=self.dilate)
-        # derivatives in the shapes of the values (MATLAB may have dropped trailing 1s)
-        der_params = [dw.reshape(np.shape(params[0]), order='F')] + [None] * (len(params) - 1)
-        if b is not None:
-            der_params[1] = db.reshape(np.shape(params[1]))
-        return [dx.reshape(np.shape(inputs[0]), order='F')], der_params
+        return filter_ders(inputs, params, dx, dw, db)
 
     def get_output_sizes(self, input_sizes):
         s = input_sizes[0] if input_sizes else None

@@ -32,7 +32,8 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from pydagnn.layers.conv import conv_forward, parse_pad, parse_pair
+from pydagnn.layers._common import as4d, conv_bias, filter_ders, flag, parse_pad, parse_pair
+from pydagnn.layers.conv import conv_forward
 
 __all__ = ['convt_forward', 'convt_backward', 'convt_output_size', 'parse_crop', 'ConvTranspose']
 
@@ -53,13 +54,6 @@ def _groups(num_groups, op):
     return int(a[0])
 
 
-def _as4d(a, xp):
-    a = xp.asarray(a)
-    if a.ndim < 4:
-        a = a.reshape(a.shape + (1,) * (4 - a.ndim), order='F')
-    return a
-
-
 def convt_output_size(H, W, FH, FW, upsample=1, crop=0):
     """(YH, YW) of a convolution transpose, ``vl_nnconvt``'s formula."""
     uy, ux = parse_pair(upsample, 'upsample', 'convt')
@@ -70,11 +64,8 @@ def convt_output_size(H, W, FH, FW, upsample=1, crop=0):
 def _geometry(x, w, b, upsample, crop, num_groups, op):
     """Checked arrays and options: (x, w, b or None, (uy, ux), crop4, G, output shape)."""
     xp = get_array_module(x)
-    x = _as4d(x, xp)
-    w = _as4d(w, xp)
-    if x.ndim > 4 or w.ndim > 4:
-        raise ValueError(f'{op}: x and filters must have at most 4 dimensions, got x {x.shape}, '
-                         f'filters {w.shape}')
+    x = as4d(x, 'x', op, xp)
+    w = as4d(w, 'filters', op, xp)
     if x.dtype.kind != 'f':
         raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
     up = parse_pair(upsample, 'upsample', op)
@@ -121,25 +112,31 @@ def _over_images(part, N, xp):
     return [part(0, N)]
 
 
+def _taps(x, w, up, G):
+    """The sizes both directions use: ``(H, W, D, N, FH, FW, K, Dg, Hf, Wf, rows, cols)``,
+    ``Hf x Wf`` the uncropped output, ``rows x cols`` the span one filter tap covers in it
+    (every ``uy``-th row, ``ux``-th column)."""
+    H, W, D, N = x.shape
+    FH, FW, K, _ = w.shape
+    uy, ux = up
+    return (H, W, D, N, FH, FW, K, D // G, uy * (H - 1) + FH, ux * (W - 1) + FW,
+            (H - 1) * uy + 1, (W - 1) * ux + 1)
+
+
 def _scatter_forward(x, w, up, cr, G, xp):
     """y = M' x directly: every filter tap (i, j) multiplies the whole input (one batched
     GEMM over images and groups; a broadcast product when groups have depth 1) and adds it
     at rows i, i+uy, ... and columns j, j+ux, ... of the uncropped output; then the crop.
     Array code over ``xp``; the same arithmetic as the conv adjoint without its unused
     filter derivative."""
-    H, W, D, N = x.shape
-    FH, FW, K, _ = w.shape
-    Dg = D // G
+    H, W, D, N, FH, FW, K, Dg, Hf, Wf, rows, cols = _taps(x, w, up, G)
     uy, ux = up
     ct, cb, cl, cr_ = cr
-    Hf, Wf = uy * (H - 1) + FH, ux * (W - 1) + FW
     dt = x.dtype
     xg = xp.ascontiguousarray(x.T).reshape(N, G, Dg, W * H)            # x.T: (N, D, W, H)
     # w[i, j] is (K, D) = (K, G, Dg): per tap a (G, K, Dg) stack of group matrices
     wg = xp.ascontiguousarray(w.astype(dt, copy=False).reshape(FH, FW, K, G, Dg).transpose(0, 1, 3, 2, 4))
     full = xp.zeros((N, G, K, Wf, Hf), dtype=dt)
-    rows = (H - 1) * uy + 1
-    cols = (W - 1) * ux + 1
 
     def part(a, b):
         xa, m = xg[a:b], b - a
@@ -160,17 +157,12 @@ def _gather_filter_derivative(x, w, dy, up, cr, G, xp):
     dy_uncropped[i + uy h, j + ux w', g K + k] * x[h, w', d] (g the group of d): per tap one
     strided gather of ``dy`` (zero in the cropped border) and one GEMM per group, the
     images of a worker's share joining the contraction."""
-    H, W, D, N = x.shape
-    FH, FW, K, _ = w.shape
-    Dg = D // G
+    H, W, D, N, FH, FW, K, Dg, Hf, Wf, rows, cols = _taps(x, w, up, G)
     uy, ux = up
     ct, cb, cl, cr_ = cr
-    Hf, Wf = uy * (H - 1) + FH, ux * (W - 1) + FW
     dt = x.dtype
     xg = xp.ascontiguousarray(x.T).reshape(N, G, Dg, W * H)
     dyT = dy.T.reshape(N, G, K, Wf - cl - cr_, Hf - ct - cb)
-    rows = (H - 1) * uy + 1
-    cols = (W - 1) * ux + 1
 
     def part(a, b):
         m = b - a
@@ -216,7 +208,7 @@ def convt_backward(x, w, b, dy, upsample=1, crop=0, num_groups=1):
 
     Returns ``(dx, dw, db)`` shaped like x (4-D), w (4-D) and (K*G,) (None without a bias)."""
     xp, x, w, b, up, cr, G, out = _geometry(x, w, b, upsample, crop, num_groups, 'convt_backward')
-    dy = _as4d(dy, xp)
+    dy = as4d(dy, 'dy', op='convt_backward', xp=xp)
     if tuple(dy.shape) != out:
         raise ValueError(f'convt_backward: dy has shape {dy.shape}, expected {out} '
                          f'(x {x.shape}, filters {w.shape})')
@@ -232,11 +224,6 @@ def convt_backward(x, w, b, dy, upsample=1, crop=0, num_groups=1):
     if b is not None:
         db = dy.sum(axis=(0, 1, 3)).astype(b.dtype if b.dtype.kind == 'f' else x.dtype, copy=False)
     return xp.asfortranarray(dx), xp.asfortranarray(dw), db
-
-
-def _flag(v):
-    a = np.asarray(v).ravel()
-    return bool(a[0]) if a.size else False
 
 
 @register('dagnn.ConvTranspose')
@@ -289,24 +276,16 @@ class ConvTranspose(Layer):
     def _groups(self):
         return _groups(self.numGroups, 'ConvTranspose')
 
-    def _bias(self, params):
-        if _flag(self.hasBias) and len(params) > 1 and params[1] is not None and np.size(params[1]) > 0:
-            return params[1]
-        return None
-
     def _opts(self):
         return dict(upsample=self.upsample, crop=self.crop, num_groups=self.numGroups)
 
     def forward(self, inputs, params):
-        return [convt_forward(inputs[0], params[0], self._bias(params), **self._opts())]
+        return [convt_forward(inputs[0], params[0], conv_bias(self.hasBias, params), **self._opts())]
 
     def backward(self, inputs, params, der_outputs, outputs=None):
-        b = self._bias(params)
+        b = conv_bias(self.hasBias, params)
         dx, dw, db = convt_backward(inputs[0], params[0], b, der_outputs[0], **self._opts())
-        der_params = [dw.reshape(np.shape(params[0]), order='F')] + [None] * (len(params) - 1)
-        if b is not None:
-            der_params[1] = db.reshape(np.shape(params[1]))
-        return [dx.reshape(np.shape(inputs[0]), order='F')], der_params
+        return filter_ders(inputs, params, dx, dw, db)
 
     def get_output_sizes(self, input_sizes):
         s = input_sizes[0] if input_sizes else None
@@ -321,7 +300,7 @@ class ConvTranspose(Layer):
         size = self._size4()
         sc = math.sqrt(2.0 / (size[0] * size[1] * size[3]))
         f = np.asfortranarray((rng.standard_normal(size) * sc).astype(dtype))
-        if _flag(self.hasBias):
+        if flag(self.hasBias):
             return [f, np.zeros(size[2] * self._groups(), dtype=dtype)]
         return [f]
 

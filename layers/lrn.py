@@ -20,8 +20,8 @@ slice additions along the channel axis (at most ``2D - 1``), so the same code ru
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+from pydagnn.layer import register
+from pydagnn.layers._common import ParamMapLayer, float_map, map_and_derivative
 
 __all__ = ['lrn_forward', 'lrn_backward', 'parse_lrn_param', 'LRN']
 
@@ -35,15 +35,6 @@ def parse_lrn_param(param, op='lrn'):
     if n < 1:
         raise ValueError(f'{op}: the normalization depth N is smaller than 1 (param {p.tolist()})')
     return n, float(p[1]), float(p[2]), float(p[3])
-
-
-def _as4d(x, xp, name, op):
-    x = xp.asarray(x)
-    if x.ndim > 4:
-        raise ValueError(f'{op}: {name} must have at most 4 dimensions, got shape {x.shape}')
-    if x.dtype.kind != 'f':
-        raise ValueError(f'{op}: {name} must be float32 or float64, got {x.dtype}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim), order='F')
 
 
 def _window_sum(a, lo, hi, xp):
@@ -71,10 +62,9 @@ def _norm(x, n, kappa, alpha, xp):
 
 def lrn_forward(x, param):
     """``vl_nnnormalize(x, param)``; result Fortran-contiguous, x's dtype and shape."""
-    xp = get_array_module(x)
     shape = np.shape(x)
     n, kappa, alpha, beta = parse_lrn_param(param, 'lrn_forward')
-    x4 = _as4d(x, xp, 'x', 'lrn_forward')
+    x4, xp = float_map(x, 'lrn_forward')
     L = _norm(x4, n, kappa, alpha, xp)
     y = x4 * L ** x4.dtype.type(-beta)
     return xp.asfortranarray(y.reshape(shape, order='F'))
@@ -82,13 +72,9 @@ def lrn_forward(x, param):
 
 def lrn_backward(x, param, dy):
     """``vl_nnnormalize(x, param, dy)``: the derivative projected on ``dy`` (like x)."""
-    xp = get_array_module(x)
     shape = np.shape(x)
     n, kappa, alpha, beta = parse_lrn_param(param, 'lrn_backward')
-    x4 = _as4d(x, xp, 'x', 'lrn_backward')
-    if np.size(dy) != x4.size:
-        raise ValueError(f'lrn_backward: dy has shape {np.shape(dy)}, x has shape {shape}')
-    dy4 = xp.asarray(dy).reshape(x4.shape, order='F').astype(x4.dtype, copy=False)
+    x4, dy4, xp = map_and_derivative(x, dy, 'lrn_backward')
     dt = x4.dtype.type
     L = _norm(x4, n, kappa, alpha, xp)
     Lb = L ** dt(-beta)
@@ -100,16 +86,8 @@ def lrn_backward(x, param, dy):
 
 
 @register('dagnn.LRN')
-class LRN(Layer):
+class LRN(ParamMapLayer):
     """``dagnn.LRN``: inputs [x], outputs [y]; ``param = [N kappa alpha beta]``."""
     properties = {'param': [5, 1, 0.0001 / 5, 0.75]}
-    backward_needs_outputs = False
-
-    def forward(self, inputs, params):
-        return [lrn_forward(inputs[0], self.param)]
-
-    def backward(self, inputs, params, der_outputs, outputs=None):
-        return [lrn_backward(inputs[0], self.param, der_outputs[0])], []
-
-    def get_output_sizes(self, input_sizes):
-        return list(input_sizes[:1]) or [None]
+    forward_op = staticmethod(lrn_forward)
+    backward_op = staticmethod(lrn_backward)

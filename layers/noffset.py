@@ -12,8 +12,8 @@ exact derivative wherever ``sum x^2 > 1e-8``). Array code over ``xp`` (NumPy or 
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+from pydagnn.layer import register
+from pydagnn.layers._common import ParamMapLayer, float_map, map_and_derivative
 
 __all__ = ['noffset_forward', 'noffset_backward', 'NormOffset']
 
@@ -25,24 +25,14 @@ def _param(param, op):
     return float(p[0]), float(p[1])
 
 
-def _as4d(x, xp, op):
-    x = xp.asarray(x)
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must have at most 4 dimensions, got shape {x.shape}')
-    if x.dtype.kind != 'f':
-        raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim), order='F')
-
-
 def _sumsq(x4, xp):
     return xp.maximum((x4 * x4).sum(axis=2, keepdims=True), x4.dtype.type(1e-8))
 
 
 def noffset_forward(x, param):
     """``vl_nnnoffset(x, param)``; Fortran-contiguous, x's dtype and shape."""
-    xp = get_array_module(x)
     a, b = _param(param, 'noffset_forward')
-    x4 = _as4d(x, xp, 'noffset_forward')
+    x4, xp = float_map(x, 'noffset_forward')
     dt = x4.dtype.type
     y = x4 - dt(a) * _sumsq(x4, xp) ** dt(b)
     return xp.asfortranarray(y.reshape(np.shape(x), order='F'))
@@ -50,12 +40,8 @@ def noffset_forward(x, param):
 
 def noffset_backward(x, param, dy):
     """``vl_nnnoffset(x, param, dy)``."""
-    xp = get_array_module(x)
     a, b = _param(param, 'noffset_backward')
-    x4 = _as4d(x, xp, 'noffset_backward')
-    if np.size(dy) != x4.size:
-        raise ValueError(f'noffset_backward: dy has shape {np.shape(dy)}, x has shape {np.shape(x)}')
-    dy4 = xp.asarray(dy).reshape(x4.shape, order='F').astype(x4.dtype, copy=False)
+    x4, dy4, xp = map_and_derivative(x, dy, 'noffset_backward')
     dt = x4.dtype.type
     L = _sumsq(x4, xp)
     dx = dy4 - dt(2 * a * b) * x4 * (dy4.sum(axis=2, keepdims=True) * L ** dt(b - 1))
@@ -63,16 +49,8 @@ def noffset_backward(x, param, dy):
 
 
 @register('dagnn.NormOffset')
-class NormOffset(Layer):
+class NormOffset(ParamMapLayer):
     """``dagnn.NormOffset``: inputs [x], outputs [y]; ``param = [a b]``."""
     properties = {'param': [1, 0.5]}
-    backward_needs_outputs = False
-
-    def forward(self, inputs, params):
-        return [noffset_forward(inputs[0], self.param)]
-
-    def backward(self, inputs, params, der_outputs, outputs=None):
-        return [noffset_backward(inputs[0], self.param, der_outputs[0])], []
-
-    def get_output_sizes(self, input_sizes):
-        return list(input_sizes[:1]) or [None]
+    forward_op = staticmethod(noffset_forward)
+    backward_op = staticmethod(noffset_backward)

@@ -17,8 +17,8 @@ CUDA kernels for CuPy inputs) plus elementwise ``xp`` array code.
 """
 import numpy as np
 
-from pydagnn.backend import get_array_module
-from pydagnn.layer import Layer, register
+from pydagnn.layer import register
+from pydagnn.layers._common import ParamMapLayer, float_map, map_and_derivative
 from pydagnn.layers.pool import pool_backward, pool_forward
 
 __all__ = ['spnorm_forward', 'spnorm_backward', 'parse_spnorm_param', 'SpatialNorm']
@@ -36,20 +36,10 @@ def parse_spnorm_param(param, op='spnorm'):
     return (ph, pw), (t, ph - 1 - t, l, pw - 1 - l), float(p[2]), float(p[3])
 
 
-def _as4d(x, xp, op):
-    x = xp.asarray(x)
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must have at most 4 dimensions, got shape {x.shape}')
-    if x.dtype.kind != 'f':
-        raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim), order='F')
-
-
 def spnorm_forward(x, param):
     """``vl_nnspnorm(x, param)``; Fortran-contiguous, x's dtype and shape."""
-    xp = get_array_module(x)
     size, pad, alpha, beta = parse_spnorm_param(param, 'spnorm_forward')
-    x4 = _as4d(x, xp, 'spnorm_forward')
+    x4, xp = float_map(x, 'spnorm_forward')
     dt = x4.dtype.type
     n2 = pool_forward(x4 * x4, size, 'avg', pad, 1)
     y = (dt(1) + dt(alpha) * n2) ** dt(-beta) * x4
@@ -58,12 +48,8 @@ def spnorm_forward(x, param):
 
 def spnorm_backward(x, param, dy):
     """``vl_nnspnorm(x, param, dy)``."""
-    xp = get_array_module(x)
     size, pad, alpha, beta = parse_spnorm_param(param, 'spnorm_backward')
-    x4 = _as4d(x, xp, 'spnorm_backward')
-    if np.size(dy) != x4.size:
-        raise ValueError(f'spnorm_backward: dy has shape {np.shape(dy)}, x has shape {np.shape(x)}')
-    dy4 = xp.asarray(dy).reshape(x4.shape, order='F').astype(x4.dtype, copy=False)
+    x4, dy4, xp = map_and_derivative(x, dy, 'spnorm_backward')
     dt = x4.dtype.type
     x2 = x4 * x4
     f = dt(1) + dt(alpha) * pool_forward(x2, size, 'avg', pad, 1)
@@ -74,16 +60,8 @@ def spnorm_backward(x, param, dy):
 
 
 @register('dagnn.SpatialNorm')
-class SpatialNorm(Layer):
+class SpatialNorm(ParamMapLayer):
     """``dagnn.SpatialNorm``: inputs [x], outputs [y]; ``param = [PH PW alpha beta]``."""
     properties = {'param': [2, 2, 10, 2]}
-    backward_needs_outputs = False
-
-    def forward(self, inputs, params):
-        return [spnorm_forward(inputs[0], self.param)]
-
-    def backward(self, inputs, params, der_outputs, outputs=None):
-        return [spnorm_backward(inputs[0], self.param, der_outputs[0])], []
-
-    def get_output_sizes(self, input_sizes):
-        return list(input_sizes[:1]) or [None]
+    forward_op = staticmethod(spnorm_forward)
+    backward_op = staticmethod(spnorm_backward)
