@@ -20,21 +20,16 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as4d
 
 __all__ = ['bilinear_sampler_forward', 'bilinear_sampler_backward', 'BilinearSampler']
-
-
-def _as4(a, name, op):
-    if a.ndim > 4:
-        raise ValueError(f'{op}: {name} must be 4-D, got shape {a.shape}')
-    return a.reshape(a.shape + (1,) * (4 - a.ndim)) if a.ndim < 4 else a
 
 
 class _Geom:
     def __init__(self, x, grid, op):
         self.xp = xp = get_array_module(x, grid)
-        x = _as4(xp.asarray(x), 'x', op)
-        grid = _as4(xp.asarray(grid), 'grid', op)
+        x = as4d(x, 'x', op, xp)
+        grid = as4d(grid, 'grid', op, xp)
         if x.dtype.kind != 'f':
             raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
         self.dtype = x.dtype

@@ -32,7 +32,8 @@ import numpy as np
 from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, check_filter_params, register
 from pydagnn.layers._common import (as4d, conv_bias, filter_ders, flag, float_map, fortran,
-                                    output_derivative, parse_pad, parse_pair, window_outputs)
+                                    output_derivative, parse_pad, parse_pair, shape4,
+                                    window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels import im2col_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import parallel_for
@@ -477,10 +478,9 @@ class Conv(Layer):
         return filter_ders(inputs, params, dx, dw, db)
 
     def get_output_sizes(self, input_sizes):
-        s = input_sizes[0] if input_sizes else None
-        if s is None:
+        if not input_sizes or input_sizes[0] is None:
             return [None]
-        s = tuple(int(v) for v in s) + (1,) * (4 - len(s))
+        s = shape4(input_sizes[0], 'the input size', 'Conv')
         fh, fw, _, cout = self._size4()
         pt, pb, pl, pr = parse_pad(self.pad, 'Conv')
         sy, sx = parse_pair(self.stride, 'stride', 'Conv')

@@ -32,7 +32,8 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
-from pydagnn.layers._common import as4d, conv_bias, filter_ders, flag, parse_pad, parse_pair
+from pydagnn.layers._common import (as4d, conv_bias, filter_ders, flag, parse_pad, parse_pair,
+                                    shape4)
 from pydagnn.layers.conv import conv_forward
 
 __all__ = ['convt_forward', 'convt_backward', 'convt_output_size', 'parse_crop', 'ConvTranspose']
@@ -288,10 +289,9 @@ class ConvTranspose(Layer):
         return filter_ders(inputs, params, dx, dw, db)
 
     def get_output_sizes(self, input_sizes):
-        s = input_sizes[0] if input_sizes else None
-        if s is None:
+        if not input_sizes or input_sizes[0] is None:
             return [None]
-        s = tuple(int(v) for v in s) + (1,) * (4 - len(s))
+        s = shape4(input_sizes[0], 'the input size', 'ConvTranspose')
         fh, fw, k, _ = self._size4()
         yh, yw = convt_output_size(s[0], s[1], fh, fw, self.upsample, self.crop)
         return [(yh, yw, k * self._groups(), s[3])]

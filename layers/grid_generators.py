@@ -54,12 +54,27 @@ def _params(a, k, op):
     return xp, a.reshape(k, N, order='F'), N
 
 
+def _setup(P, k, Ho, Wo, op):
+    """``(xp, params as k x N, N, Ho, Wo, v, u)``: the checked inputs of a generator
+    and its output-pixel coordinates."""
+    xp, p, N = _params(P, k, op)
+    Ho, Wo = _size(Ho, 'Ho', op), _size(Wo, 'Wo', op)
+    v, u = _coords(Ho, Wo, xp, p.dtype)
+    return xp, p, N, Ho, Wo, v, u
+
+
+def _dgrid(dgrid, dtype, Ho, Wo, N, xp, op):
+    """The grid derivative as ``2 x Ho x Wo x N`` of ``dtype``; another size is an error."""
+    d = xp.asarray(dgrid, dtype=dtype)
+    if d.size != 2 * Ho * Wo * N:
+        raise ValueError(f'{op}: dgrid has shape {d.shape}, expected {(2, Ho, Wo, N)}')
+    return d.reshape(2, Ho, Wo, N, order='F')
+
+
 def affine_grid_forward(A, Ho, Wo):
     """A ``1 x 1 x 6 x N`` -> grid ``2 x Ho x Wo x N``."""
     op = 'affine_grid_forward'
-    xp, a, N = _params(A, 6, op)
-    Ho, Wo = _size(Ho, 'Ho', op), _size(Wo, 'Wo', op)
-    v, u = _coords(Ho, Wo, xp, a.dtype)
+    xp, a, N, Ho, Wo, v, u = _setup(A, 6, Ho, Wo, op)
     g = xp.empty((2, Ho, Wo, N), dtype=a.dtype, order='F')
     g[0] = v[:, :, None] * a[0] + u[:, :, None] * a[1] + a[4]
     g[1] = v[:, :, None] * a[2] + u[:, :, None] * a[3] + a[5]
@@ -69,13 +84,8 @@ def affine_grid_forward(A, Ho, Wo):
 def affine_grid_backward(A, dgrid, Ho, Wo):
     """Derivative of :func:`affine_grid_forward` with respect to A (A's shape)."""
     op = 'affine_grid_backward'
-    xp, a, N = _params(A, 6, op)
-    Ho, Wo = _size(Ho, 'Ho', op), _size(Wo, 'Wo', op)
-    v, u = _coords(Ho, Wo, xp, a.dtype)
-    d = xp.asarray(dgrid, dtype=a.dtype)
-    if d.size != 2 * Ho * Wo * N:
-        raise ValueError(f'{op}: dgrid has shape {d.shape}, expected {(2, Ho, Wo, N)}')
-    d = d.reshape(2, Ho, Wo, N, order='F')
+    xp, a, N, Ho, Wo, v, u = _setup(A, 6, Ho, Wo, op)
+    d = _dgrid(dgrid, a.dtype, Ho, Wo, N, xp, op)
     dv, du = d[0], d[1]
     da = xp.stack([(dv * v[:, :, None]).sum(axis=(0, 1)), (dv * u[:, :, None]).sum(axis=(0, 1)),
                    (du * v[:, :, None]).sum(axis=(0, 1)), (du * u[:, :, None]).sum(axis=(0, 1)),
@@ -86,9 +96,7 @@ def affine_grid_backward(A, dgrid, Ho, Wo):
 def uniform_scaling_grid_forward(T, Ho, Wo):
     """T ``1 x 1 x 3 x N`` ([scale, t_v, t_u]) -> grid ``2 x Ho x Wo x N``."""
     op = 'uniform_scaling_grid_forward'
-    xp, t, N = _params(T, 3, op)
-    Ho, Wo = _size(Ho, 'Ho', op), _size(Wo, 'Wo', op)
-    v, u = _coords(Ho, Wo, xp, t.dtype)
+    xp, t, N, Ho, Wo, v, u = _setup(T, 3, Ho, Wo, op)
     g = xp.empty((2, Ho, Wo, N), dtype=t.dtype, order='F')
     g[0] = v[:, :, None] * t[0] + t[1]
     g[1] = u[:, :, None] * t[0] + t[2]
@@ -98,13 +106,8 @@ def uniform_scaling_grid_forward(T, Ho, Wo):
 def uniform_scaling_grid_backward(T, dgrid, Ho, Wo):
     """Derivative of :func:`uniform_scaling_grid_forward` with respect to T (T's shape)."""
     op = 'uniform_scaling_grid_backward'
-    xp, t, N = _params(T, 3, op)
-    Ho, Wo = _size(Ho, 'Ho', op), _size(Wo, 'Wo', op)
-    v, u = _coords(Ho, Wo, xp, t.dtype)
-    d = xp.asarray(dgrid, dtype=t.dtype)
-    if d.size != 2 * Ho * Wo * N:
-        raise ValueError(f'{op}: dgrid has shape {d.shape}, expected {(2, Ho, Wo, N)}')
-    d = d.reshape(2, Ho, Wo, N, order='F')
+    xp, t, N, Ho, Wo, v, u = _setup(T, 3, Ho, Wo, op)
+    d = _dgrid(dgrid, t.dtype, Ho, Wo, N, xp, op)
     ds = (d[0] * v[:, :, None] + d[1] * u[:, :, None]).sum(axis=(0, 1))
     dt = xp.stack([ds, d[0].sum(axis=(0, 1)), d[1].sum(axis=(0, 1))])
     return xp.asfortranarray(dt).reshape(np.shape(T), order='F')

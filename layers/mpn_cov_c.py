@@ -29,6 +29,7 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as4d, as_text
 from pydagnn.layers.cov import triu_indices_colmajor
 
 __all__ = ['mpn_cov_c_forward', 'mpn_cov_c_backward', 'MPN_COV_Pool_C']
@@ -36,14 +37,8 @@ __all__ = ['mpn_cov_c_forward', 'mpn_cov_c_backward', 'MPN_COV_Pool_C']
 _REGU = ('power', 'mat-l2')
 
 
-def _str(v):
-    if isinstance(v, np.ndarray):
-        v = ''.join(str(c) for c in v.ravel().tolist()) if v.size else ''
-    return str(v)
-
-
 def _options(regu_method, alpha, epsilon, op):
-    r = _str(regu_method)
+    r = as_text(regu_method)
     if r.lower() not in _REGU:
         raise ValueError(f"{op}: regu_method must be 'power' or 'mat-l2' (what vl_nnmpn_cov "
                          f"accepts), got {r!r}")
@@ -51,12 +46,6 @@ def _options(regu_method, alpha, epsilon, op):
     if not alpha > 0:
         raise ValueError(f'{op}: alpha must be positive, got {alpha}')
     return alpha, float(np.asarray(epsilon).ravel()[0])
-
-
-def _as4(x, op):
-    if x.ndim > 4:
-        raise ValueError(f'{op}: x must be H x W x D x N, got shape {x.shape}')
-    return x.reshape(x.shape + (1,) * (4 - x.ndim)) if x.ndim < 4 else x
 
 
 def _centred(x):
@@ -74,7 +63,7 @@ def _eps_of(a, xp):
 def mpn_cov_c_forward(x, regu_method='power', alpha=0.5, epsilon=1e-12):
     """x ``H x W x D x N`` -> ``(y, aux_S, aux_V, aux_D)``; see the module docstring."""
     xp = get_array_module(x)
-    x = _as4(x, 'mpn_cov_c_forward')
+    x = as4d(x, 'x', 'mpn_cov_c_forward')
     if x.dtype.kind != 'f':
         raise ValueError(f'mpn_cov_c_forward: x must be float32 or float64, got {x.dtype}')
     alpha, epsilon = _options(regu_method, alpha, epsilon, 'mpn_cov_c_forward')
@@ -107,7 +96,7 @@ def mpn_cov_c_backward(x, aux_S, aux_V, aux_D, dy, regu_method='power', alpha=0.
     """Derivative of :func:`mpn_cov_c_forward` with respect to x, from its aux outputs
     (recomputed when any is ``None``)."""
     xp = get_array_module(x)
-    x = _as4(x, 'mpn_cov_c_backward')
+    x = as4d(x, 'x', 'mpn_cov_c_backward')
     H, W, D, N = x.shape
     if aux_S is None or aux_V is None or aux_D is None:
         _, aux_S, aux_V, aux_D = mpn_cov_c_forward(x, regu_method, alpha, epsilon)

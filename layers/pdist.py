@@ -25,21 +25,16 @@ import numpy as np
 
 from pydagnn.backend import get_array_module
 from pydagnn.layer import register
+from pydagnn.layers._common import as4d
 from pydagnn.layers.loss import Loss, as_scalar, opts_to_dict
 
 __all__ = ['pdist_forward', 'pdist_backward', 'PDist']
 
 
-def _as4(a, name, op):
-    if a.ndim > 4:
-        raise ValueError(f'{op}: {name} must be H x W x C x N, got shape {a.shape}')
-    return a.reshape(a.shape + (1,) * (4 - a.ndim)) if a.ndim < 4 else a
-
-
 def _prep(x, x0, op):
     xp = get_array_module(x, x0)
-    x = _as4(xp.asarray(x), 'x', op)
-    x0 = _as4(xp.asarray(x0), 'x0', op)
+    x = as4d(x, 'x', op, xp)
+    x0 = as4d(x0, 'x0', op, xp)
     if x.dtype.kind != 'f':
         raise ValueError(f'{op}: x must be float32 or float64, got {x.dtype}')
     H, W, C, N = x.shape

@@ -29,14 +29,9 @@ import numpy as np
 
 from pydagnn.backend import get_array_module, to_host
 from pydagnn.layer import Layer, register
+from pydagnn.layers._common import as_text
 
 __all__ = ['roipool_forward', 'roipool_backward', 'roipool_transform', 'ROIPooling']
-
-
-def _str(v):
-    if isinstance(v, np.ndarray):
-        v = ''.join(str(c) for c in v.ravel().tolist()) if v.size else ''
-    return str(v)
 
 
 def roipool_transform(transform):
@@ -64,7 +59,7 @@ def _subdivisions(s):
 
 
 def _method(m):
-    m = _str(m).lower()
+    m = as_text(m).lower()
     if m not in ('max', 'avg'):
         raise ValueError(f"roipool: method must be 'max' or 'avg', got {m!r}")
     return m
