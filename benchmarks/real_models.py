@@ -20,6 +20,10 @@ Families (the published numbers are the authors'; the repositories are on GitHub
   ``im2uint8(output)`` against the 8-bit original, no border cut (``Cal_PSNRSSIM(..., 0, 0)``).
   MATLAB's ``randn('seed', 0)`` stream cannot be reproduced, so the noise here is seeded
   NumPy noise: expect the published figure within a few hundredths of a dB.
+* phoenix104104/LapSRN -- super-resolution with ConvTranspose and the repository's own
+  ``dagnn.vllab_dag_loss``: ``pretrained_models/MSLapSRN_D5R2.mat`` loads strictly and its
+  three branches (2x, 4x, 8x) run on a test image's gray levels; the repository publishes
+  no PSNR and its evaluation first rebuilds a single-scale net, so no figure is computed.
 
 Prints one JSON line per model and set (``model``, ``set``, ``images``, ``psnr``,
 ``published`` or null, ``seconds``).
@@ -47,6 +51,9 @@ MODELS = [
     ('DnCNN DagNN epoch 50', ['TrainingCodes/DnCNN_TrainingCodes_DagNN_v1.1/utilities/DnCNN-epoch-50.mat',
                               'TrainingCodes_DnCNN_TrainingCodes_DagNN_v1.1_utilities_DnCNN-epoch-50.mat'],
      'clean', {}, 'cszn/DnCNN TrainingCodes (no published figure)'),
+    ('MS-LapSRN D5R2', ['pretrained_models/MSLapSRN_D5R2.mat', 'pretrained_models_MSLapSRN_D5R2.mat'],
+     'runs', {}, 'phoenix104104/LapSRN (no figure in the repository; its evaluation builds a '
+                 'single-scale copy with init_MSLapSRN_model: not reproduced here)'),
 ]
 SIGMA = 25
 
@@ -94,6 +101,19 @@ def denoise_psnr(net, rule, label, rng):
     return psnr(label, im2uint8(out))
 
 
+def run_branches(net, label, path, folder, set_name, source):
+    """Every input of a multi-branch net fed one test image (gray, 0..1); the outputs' sizes."""
+    files = sorted(glob.glob(os.path.join(folder, 'testsets', set_name, '*.png')))[:1]
+    img = read_gray(files[0])[:64, :64] if files else np.zeros((32, 32), np.uint8)
+    x = np.asfortranarray((img / 255.0).astype(np.float32).reshape(img.shape + (1, 1)))
+    t = time.perf_counter()
+    net.eval({name: x for name in net.get_inputs()})
+    sizes = {o: list(net.get_var(o).value.shape) for o in net.get_outputs()}
+    return {'model': label, 'file': os.path.basename(path), 'input': list(x.shape), 'outputs': sizes,
+            'psnr': None, 'published': None, 'seconds': round(time.perf_counter() - t, 1),
+            'source': source}
+
+
 def load(path):
     with warnings.catch_warnings():
         warnings.simplefilter('error')          # strict: nothing dropped, nothing guessed
@@ -114,6 +134,9 @@ def run(folder, sets=('Set12',), limit=None, only=None, seed=0):
             rows.append({'model': label, 'file': names[0], 'missing': True, 'source': source})
             continue
         net = load(path)
+        if rule == 'runs':
+            rows.append(run_branches(net, label, path, folder, sets[0], source))
+            continue
         for s in sets:
             files = sorted(glob.glob(os.path.join(folder, 'testsets', s, '*.png')))[:limit]
             if not files:
