@@ -599,6 +599,7 @@ def test_not_a_mat_file(tmp_path):
         load_matconvnet(tmp_path / 'weird.mat')
 
 
+@pytest.mark.filterwarnings("ignore:.*is not (an input|used):UserWarning")  # loadobj ignores those
 def test_fuzz_mutated_files(tmp_path):
     """Mutated bytes of small valid files: the load works or raises MatFileError, nothing else."""
     rng = np.random.default_rng(20240611)
