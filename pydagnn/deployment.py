@@ -40,9 +40,9 @@ def deploy(net):
             preds.append(l.inputs[0])
     if losses:
         net.remove_layer([l.name for l in losses])
-    if not preds:
-        preds = net.get_outputs() if not any(v.precious for v in net.vars) else \
-            [v for v in net.get_outputs() if net.get_var(v).precious]
+    if not preds:   # no losses (a denoiser): its precious outputs, else all its outputs
+        outs = net.get_outputs()
+        preds = [v for v in outs if net.get_var(v).precious] or outs
     net.mode = 'test'
     for name in preds:
         if net.has_var(name):

@@ -136,9 +136,11 @@ def test_checkpoint_struct_with_fieldless_block_built_by_hand(tmp_path):
     }
     blk = refs.create_group('b1')
     blk.attrs['MATLAB_class'] = np.bytes_('struct')
-    for k, v in {'leak': (np.zeros((1, 1)), 'double'), 'useShortCircuit': (np.ones((1, 1), np.uint8), 'logical')}.items():
-        d = blk.create_dataset(k, data=v[0])
-        d.attrs['MATLAB_class'] = np.bytes_(v[1])
+    relu_props = {'leak': (np.zeros((1, 1)), 'double'),
+                  'useShortCircuit': (np.ones((1, 1), np.uint8), 'logical')}
+    for k, (value, cls) in relu_props.items():
+        d = blk.create_dataset(k, data=value)
+        d.attrs['MATLAB_class'] = np.bytes_(cls)
     blk.create_dataset('opts', data=np.array([0, 0], np.uint64))
     blk['opts'].attrs['MATLAB_class'] = np.bytes_('cell')
     blk['opts'].attrs['MATLAB_empty'] = np.uint8(1)
