@@ -333,10 +333,12 @@ def test_commands_in_a_shell(files, tmp_path):
 def _parsers():
     from pydagnn import evaluate, imdb_cli, parity
     import argparse
+    import importlib
+    classify = importlib.import_module('pydagnn.classify')   # the module (pydagnn.classify is also the function)
     top = imdb_cli.make_parser()
     subs = [a for a in top._actions if isinstance(a, argparse._SubParsersAction)][0]
     found = {'examples/cnn_imagenet64.py': _example().make_parser(), 'evaluate': evaluate.make_parser(),
-             'parity': parity.make_parser()}
+             'parity': parity.make_parser(), 'classify': classify.make_parser()}
     found.update({f'imdb {name}': p for name, p in subs.choices.items()})
     return found
 
@@ -351,7 +353,7 @@ def test_every_flag_has_a_help_line():
 def test_help_loads_no_numba(tmp_path):
     """``--help`` answers before the layer library (numba) is imported, so it comes at once."""
     runs = [('path', EXAMPLE, []), ('module', 'pydagnn.evaluate', []), ('module', 'pydagnn.imdb', ['convert']),
-            ('module', 'pydagnn.parity', [])]
+            ('module', 'pydagnn.parity', []), ('module', 'pydagnn.classify', [])]
     for kind, target, sub in runs:
         code = ('import runpy, sys\n'
                 f'sys.argv = ["cmd"] + {sub!r} + ["--help"]\n'

@@ -174,8 +174,8 @@ def test_cli_image_files(tmp_path, model_file):
 def test_cli_user_errors(model_file, args, message):
     r = _cli(*[a.format(m=model_file) for a in args])
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1].startswith('python -m pydagnn.classify: error: ')
-    assert message in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]          # one line
+    assert r.stderr.startswith('error: ') and message in r.stderr
 
 
 # ---------------------------------------------------------------------------- class names end to end
