@@ -388,7 +388,7 @@ def _train(net, imdb, get_batch, exp_dir, lrs, num_epochs, train, val, evaluate_
                 save_checkpoint(path, net, state, stats, save_momentum=save_momentum, last_stats=last,
                                 previous=checkpoint_path(exp_dir, epoch - 1) if epoch > 1 else None)
                 log(f'cnn_train_dag: saved {path} ({time.perf_counter() - t0:.1f} s)')
-        except Exception as e:
+        except BaseException as e:  # SystemExit too: a rank leaving mid-run must end the job now
             if comm.size == 1:
                 raise
             import traceback

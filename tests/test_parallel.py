@@ -190,20 +190,22 @@ def test_sync_bn_equals_one_process_on_the_whole_batch(tmp_path):
 # ---------------------------------------------------------------------------- faults
 @pytest.mark.parametrize('fault,message', [
     ('raise', 'rank 1 of 2 failed at train epoch 1 batch 2/4: RuntimeError: injected fault'),
-    ('exit', 'rank(s) 1 did not reach it'),
+    ('exit', 'rank 1 of 2 failed at train epoch 1 batch 2/4: SystemExit: 0'),
     ('hang', 'rank(s) 1 did not reach it'),
     ('kill', None)])
 def test_a_failing_rank_ends_the_job(tmp_path, fault, message):
     """A rank that raises, exits, dies or hangs at batch 2 ends mpiexec non-zero within
-    the comm timeout (3 s) plus a few seconds, with a message naming rank and step."""
+    the comm timeout plus a few seconds, with a message naming rank and step. The timeout
+    (6 s) leaves a healthy rank on a loaded 2-core machine time to reach each collective, so
+    that only the faulty rank is ever the one reported."""
     t0 = time.monotonic()
-    proc, _ = ranks(tmp_path, BN, 1, fault=fault, timeout=3.0, limit=90)
+    proc, _ = ranks(tmp_path, BN, 1, fault=fault, timeout=6.0, limit=90)
     elapsed = time.monotonic() - t0
     assert proc.returncode != 0
-    assert elapsed < 3.0 + 25.0, elapsed   # the 2-core CI machine starts Python slowly
+    assert elapsed < 6.0 + 25.0, elapsed   # the 2-core CI machine starts Python slowly
     if message:
         assert message in proc.stderr, proc.stderr[-2000:]
-    if fault in ('exit', 'hang'):
+    if fault == 'hang':
         assert 'at train epoch 1 batch 2/4' in proc.stderr
 
 
