@@ -41,6 +41,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/jsonl.py
+from jsonl import emit  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
@@ -164,14 +167,6 @@ def torch_round(args, model):
     raise RuntimeError(f'bench_torch printed no train record for {model}:\n{out}')
 
 
-def _emit(rec, out):
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if out:
-        with open(out, 'a') as f:
-            f.write(line + '\n')
-
-
 def main(argv=None):
     args = _parse(sys.argv[1:] if argv is None else argv)
     models = args.models.split(',')
@@ -198,16 +193,16 @@ def main(argv=None):
                        'torch_train_images_per_s': round(tt, 2), 'load_avg': _load()}
                 for k in per[key]:
                     per[key][k].append(rec[k + '_images_per_s'])
-                _emit(rec, args.out)
+                emit(rec, args.out)
     for key, p in nets.items():
         med = {k + '_images_per_s': round(statistics.median(v), 2) for k, v in per[key].items()}
-        _emit({'kind': 'summary', 'model': key[0], 'mixture': key[1], 'rounds': args.rounds, 'batch': args.batch,
+        emit({'kind': 'summary', 'model': key[0], 'mixture': key[1], 'rounds': args.rounds, 'batch': args.batch,
                **med,
                'ratio_train': round(med['pydagnn_train_images_per_s'] / med['torch_train_images_per_s'], 3),
                'load_avg_start': load_start, 'load_avg_end': _load(), 'uptime': _uptime()}, args.out)
         rec = p.split(key[0])
         rec['mixture'] = key[1]
-        _emit(rec, args.out)
+        emit(rec, args.out)
     return 0
 
 

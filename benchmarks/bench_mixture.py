@@ -21,11 +21,13 @@ of ``--iters`` calls after one warm-up. Prints JSON lines:
    "load_avg_end"}
 """
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/jsonl.py
+from jsonl import emit  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -102,14 +104,6 @@ def _median_s(fn, iters):
     return statistics.median(ts), statistics.median(cs)
 
 
-def _emit(rec, out):
-    line = json.dumps(rec)
-    print(line, flush=True)
-    if out:
-        with open(out, 'a') as f:
-            f.write(line + '\n')
-
-
 def main(argv=None):
     import numpy as np
     from pydagnn.models.gm import set_batched_mixture
@@ -135,9 +129,9 @@ def main(argv=None):
                 res[path][k].append(v)
                 rec[k] = round(v, 4)
             rec['load_avg'] = [round(v, 2) for v in os.getloadavg()]
-            _emit(rec, args.out)
+            emit(rec, args.out)
     med = {p: {k: round(statistics.median(v), 4) for k, v in d.items()} for p, d in res.items()}
-    _emit({'kind': 'mixture', 'N': args.N, 'k': args.k, 'K': args.K, 'C': args.C, 'rounds': args.rounds,
+    emit({'kind': 'mixture', 'N': args.N, 'k': args.k, 'K': args.K, 'C': args.C, 'rounds': args.rounds,
            'looped': med['looped'], 'batched': med['batched'],
            'speedup_forward': round(med['looped']['forward_s'] / med['batched']['forward_s'], 2),
            'speedup_forward_backward': round(med['looped']['forward_backward_s']
