@@ -85,7 +85,12 @@ def test_builders_and_loader_fuse_the_mixture():
 
 
 @pytest.mark.parametrize('dead_cm', [None, 2])
-def test_batched_equals_looped_on_a_built_net(dead_cm):
+# per_chunk: the CPU's chain-major chunks (1: every component over several chunks), or
+# None: the stage-major stacks (the GPU's path)
+@pytest.mark.parametrize('per_chunk', [8, 1, None])
+def test_batched_equals_looped_on_a_built_net(dead_cm, per_chunk, monkeypatch):
+    from pydagnn.layers.mixture import MixtureBlock
+    monkeypatch.setattr(MixtureBlock, 'pairs_per_chunk', per_chunk)
     net, x, label = _small(dead_cm=dead_cm)
     looped = _run(net, x, label, False)
     batched = _run(net, x, label, True)
@@ -130,9 +135,13 @@ def test_changed_structure_runs_the_layers():
     _assert_same(_run(net, x, label, True), ref, 1e-12)       # fused again, same numbers
 
 
-def test_block_float64_derivatives():
+@pytest.mark.parametrize('per_chunk', [2, None])
+def test_block_float64_derivatives(per_chunk, monkeypatch):
     """The block alone: central differences for x, every param and the gate weights;
-    component 3 gets no image (its params: no derivative)."""
+    component 3 gets no image (its params: no derivative). Chain-major chunks of 2 pairs
+    (components split over chunks) and the stage-major stacks."""
+    from pydagnn.layers.mixture import MixtureBlock
+    monkeypatch.setattr(MixtureBlock, 'pairs_per_chunk', per_chunk)
     net, _, _ = _small()
     group = fuse_mixture(net)
     block = group.block
