@@ -9,7 +9,9 @@ import numpy as np
 from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
 from pydagnn.layers._common import as_scalar, dy_like, opts_to_dict
+from pydagnn.layers.kernels import eltwise_cpu as _kc
 from pydagnn.layers.kernels import eltwise_gpu as _ke
+from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['relu_forward', 'relu_backward', 'ReLU']
 
@@ -30,7 +32,25 @@ def relu_forward(x, leak=0):
     return _relu_forward_cpu(x, leak)
 
 
+#: CPU: maps smaller than this many elements run in the calling thread
+PARALLEL_MIN = 1 << 16
+
+
+def _flat_parts(n, run):
+    """``run(a, b)`` over a split of ``range(n)``: on the worker threads for big maps."""
+    if n < PARALLEL_MIN:
+        run(0, n)
+    else:
+        parallel_for(lambda a, b, _: run(a, b), n, uses_blas=False)
+
+
 def _relu_forward_cpu(x, leak):
+    if leak == 0 and x.flags.f_contiguous and x.dtype.kind == 'f':
+        # numba kernel on the flat F-order arrays, split over the worker threads
+        y = np.empty(x.shape, dtype=x.dtype, order='F')
+        xf, yf = x.ravel(order='F'), y.ravel(order='F')
+        _flat_parts(x.size, lambda a, b: _kc.relu_forward(xf, yf, a, b))
+        return y
     if leak == 0:
         y = np.maximum(x, x.dtype.type(0))
     else:
@@ -55,6 +75,12 @@ def relu_backward(x, dy, leak=0):
 
 
 def _relu_backward_cpu(x, dy, leak):
+    if (leak == 0 and x.flags.f_contiguous and dy.flags.f_contiguous and x.dtype.kind == 'f'
+            and dy.dtype == x.dtype):
+        dx = np.empty(x.shape, dtype=x.dtype, order='F')
+        xf, dyf, dxf = x.ravel(order='F'), dy.ravel(order='F'), dx.ravel(order='F')
+        _flat_parts(x.size, lambda a, b: _kc.relu_backward(xf, dyf, dxf, a, b))
+        return dx
     if leak == 0:
         dx = dy * (x > 0)
     else:
