@@ -36,7 +36,7 @@ from pydagnn.layers._common import (as4d, conv_bias, filter_ders, flag, float_ma
                                     window_outputs)
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels import im2col_gpu as _kg
-from pydagnn.layers.kernels.threads_cpu import parallel_for
+from pydagnn.layers.kernels.threads_cpu import matmul, parallel_for
 
 __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'parse_pair', 'Conv']
 
@@ -174,7 +174,7 @@ def _conv_forward_cpu(g):
     bcol = None if g.b is None else g.b[:, None]
     if g.fc:
         # every image is one row of x.T: y.T (N, Cout) = X (N, K) @ Wm.T, one GEMM
-        np.matmul(xT.reshape(N, g.K), wm.T, out=yT3.reshape(N, g.Cout))
+        matmul(xT.reshape(N, g.K), wm.T, yT3.reshape(N, g.Cout))
         if bcol is not None:
             yT3 += bcol
         return y
@@ -246,8 +246,8 @@ def _conv_backward_cpu(g, dy):
     if g.fc:
         x2 = xT.reshape(N, g.K)
         dy2 = dyT3.reshape(N, g.Cout)
-        np.matmul(dy2, wm, out=dxT.reshape(N, g.K))
-        np.matmul(dy2.T, x2, out=dwm)
+        matmul(dy2, wm, dxT.reshape(N, g.K))
+        matmul(dy2.T, x2, dwm)
         if db is not None:
             np.sum(dy2, axis=0, out=db)
     else:
