@@ -277,12 +277,12 @@ def _pointwise_backward_part(g, x3, dx3, dyT3, wm):
     def part(a, b, _):
         np.matmul(wm.T, dyT3[a:b], out=dx3[a:b])
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
-        pdw = np.zeros((g.Cout, g.C), dtype=g.dtype)
+        pdwT = np.zeros((g.C, g.Cout), dtype=g.dtype)   # transposed: see _im2col_backward_part
         step = min(nc, b - a)
         if step == 1:
             for n in range(a, b):
-                pdw += dyT3[n] @ x3[n].T
-            return pdw, pdb
+                pdwT += x3[n] @ dyT3[n].T
+            return pdwT.T, pdb
         xc = np.empty(g.C * step * P, dtype=g.dtype)
         dc = np.empty(g.Cout * step * P, dtype=g.dtype)
         for n0 in range(a, b, step):
@@ -290,14 +290,19 @@ def _pointwise_backward_part(g, x3, dx3, dyT3, wm):
             xcm, dcm = _view(xc, g.C, m * P), _view(dc, g.Cout, m * P)
             xcm.reshape(g.C, m, P)[...] = x3[n0:n0 + m].transpose(1, 0, 2)
             dcm.reshape(g.Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
-            pdw += dcm @ xcm.T
-        return pdw, pdb
+            pdwT += xcm @ dcm.T
+        return pdwT.T, pdb
     return part
 
 
 def _im2col_backward_part(g, xT, dxT, dyT3, wm):
-    """Per chunk: im2col, dW += dY @ col.T (one GEMM), dcol = Wm.T @ dY (one GEMM) written
-    over the column buffer, col2im."""
+    """Per chunk: im2col, dW.T += col @ dY.T (one GEMM), dcol = Wm.T @ dY (one GEMM)
+    written over the column buffer, col2im.
+
+    dW is accumulated transposed, ``(Kg, Cout)`` C-order: OpenBLAS computes that product
+    about twice as fast as ``dY @ col.T`` into ``(Cout, Kg)`` for few channels (measured
+    on one core: 0.27 against 0.52 ms for 16 channels at 64 x 64, 0.22 against 0.35 ms for
+    32 at 32 x 32, the same from 64 channels on)."""
     P, Cog, Kg = g.P, g.Cout // g.G, g.Kg
     nc = g.chunk()
     direct = nc == 1
@@ -305,8 +310,8 @@ def _im2col_backward_part(g, xT, dxT, dyT3, wm):
     def part(a, b, _):
         col = np.empty(g.K * nc * P, dtype=g.dtype)
         dyc = None if direct else np.empty(g.Cout * nc * P, dtype=g.dtype)
-        pdw = np.zeros((g.Cout, Kg), dtype=g.dtype)
-        tmp = np.empty((Cog, Kg), dtype=g.dtype)
+        pdwT = np.zeros((Kg, g.Cout), dtype=g.dtype)
+        tmpT = np.empty((Kg, Cog), dtype=g.dtype)
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
         for n0 in range(a, b, nc):
             m = min(nc, b - n0)
@@ -319,13 +324,13 @@ def _im2col_backward_part(g, xT, dxT, dyT3, wm):
                 d.reshape(g.Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
             for gi in range(g.G):
                 rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
-                np.matmul(d[rs], c[ks].T, out=tmp)
-                pdw[rs] += tmp
+                np.matmul(c[ks], d[rs].T, out=tmpT)
+                pdwT[:, rs] += tmpT
             for gi in range(g.G):
                 rs, ks = slice(gi * Cog, (gi + 1) * Cog), slice(gi * Kg, (gi + 1) * Kg)
                 np.matmul(wm[rs].T, d[rs], out=c[ks])
             _k.col2im(c, dxT, n0, *g.kargs())
-        return pdw, pdb
+        return pdwT.T, pdb
     return part
 
 
