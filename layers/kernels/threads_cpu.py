@@ -9,8 +9,10 @@ as soon as anything else runs: a descheduled thread stalls the barrier for a sch
 tick (4 ms), which turned 10 ms convolutions into 300 ms ones in our measurements. Here
 each worker streams through its own images with no barrier until the end of the call.
 
-``parallel_for(fn, n)`` runs ``fn(start, stop, part)`` on a split of ``range(n)``; the
-calling thread takes part 0. During the call numpy's OpenBLAS runs one thread per call
+``parallel_for(fn, n)`` runs ``fn(start, stop, part)`` on a split of ``range(n)`` into
+:data:`PARTS_PER_WORKER` parts per thread, which the threads (the calling one among them)
+take in turn; the results come back in part order, so sums over them do not depend on
+which thread ran what. During the call numpy's OpenBLAS runs one thread per call
 (set through its ``openblas_set_num_threads`` and restored afterwards), so the workers do
 not oversubscribe the cores. Where that control is not available (another BLAS), or for
 one part, or when a parallel region is already running in another thread, the whole
@@ -38,6 +40,11 @@ import numpy as np
 # spin between parallel regions, or they fight the BLAS threads for the cores; libgomp
 # reads this when numba starts its pool. An explicit user setting wins.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+
+#: parts per worker thread of a parallel region, taken in turn by the threads (more
+#: parts balance the load when other processes take some of the cores; each part costs
+#: a call, and for convolutions a work buffer). ``$PYDAGNN_PARTS_PER_WORKER`` overrides.
+PARTS_PER_WORKER = int(os.environ.get('PYDAGNN_PARTS_PER_WORKER', '2') or 2)
 
 _state = {'pool': None, 'blas': None}
 _region = threading.Lock()
@@ -135,16 +142,29 @@ def parallel_for(fn, n, uses_blas=True, workers=None):
             prev = get()
             set_(1)
         try:
-            bounds = split(n, t)
-            futs = [_pool(t - 1).submit(fn, a, b, i) for i, (a, b) in enumerate(bounds[1:], 1)]
+            bounds = split(n, min(n, t * PARTS_PER_WORKER))
+            results = [None] * len(bounds)
+            taken = iter(range(len(bounds)))
+            lock = threading.Lock()
+
+            def work():
+                # each thread takes the next part until none is left: a thread that gets
+                # less of its core (another process on it) takes fewer parts
+                while True:
+                    with lock:
+                        i = next(taken, None)
+                    if i is None:
+                        return
+                    results[i] = fn(bounds[i][0], bounds[i][1], i)
+            futs = [_pool(t - 1).submit(work) for _ in range(t - 1)]
             try:
-                first = fn(bounds[0][0], bounds[0][1], 0)
+                work()
             finally:
                 done = [f.exception() for f in futs]   # wait for all: they share buffers
             for e in done:
                 if e is not None:
                     raise e
-            return [first] + [f.result() for f in futs]
+            return results
         finally:
             if blas:
                 set_(prev)
