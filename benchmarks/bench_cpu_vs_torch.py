@@ -70,7 +70,6 @@ result: on a shared machine, compare the ratio, not the absolute figures.
 import argparse
 import json
 import os
-import resource
 import runpy
 import signal
 import statistics
@@ -81,6 +80,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/jsonl.py
 from jsonl import emit  # noqa: E402
+from rss import peak_rss_mb, ru_maxrss_mb  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -306,24 +306,6 @@ def _terminate(signum, frame):
 
 # ---------------------------------------------------------------- peak RSS
 
-def _ru_mb(ru_maxrss):
-    """ru_maxrss in MB (kilobytes on Linux, bytes on macOS)."""
-    return ru_maxrss / (1024 * 1024) if sys.platform == 'darwin' else ru_maxrss / 1024
-
-
-def peak_rss_mb():
-    """This process image's own peak RSS (Linux VmHWM), else getrusage's ru_maxrss (which
-    on Linux also covers the parent's peak at the spawn: see the module docstring)."""
-    try:
-        with open('/proc/self/status') as fh:
-            for line in fh:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _ru_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-
-
 def rss_child(args):
     """The fresh process of ``--rss-child``: do ``args.rss_child``, then print one
     ``{"kind": "rss_child", "child", "peak_rss_mb", ...}`` line."""
@@ -390,7 +372,7 @@ def measure_child(cmd):
         if p.returncode:
             err.seek(0)
             raise RuntimeError(f'{" ".join(cmd)} exited {p.returncode}:\n{err.read()[-3000:]}')
-    return _json_lines(out), _ru_mb(ru.ru_maxrss)
+    return _json_lines(out), ru_maxrss_mb(ru.ru_maxrss)
 
 
 def child_peak(cmd):

@@ -12,7 +12,6 @@ The file is deleted afterwards unless --keep; --reuse measures an existing file.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -20,24 +19,10 @@ import time
 
 import numpy as np
 
-
-def _maxrss_mb():
-    """getrusage's ru_maxrss (kilobytes on Linux, bytes on macOS). On Linux it is kept
-    across exec, so a child can report its parent's peak: see _hwm_mb."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == 'darwin' else r / 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/rss.py
+from rss import peak_rss_mb, ru_maxrss_mb  # noqa: E402
 
 
-def _hwm_mb():
-    """This process image's own peak RSS (Linux VmHWM), else ru_maxrss."""
-    try:
-        with open('/proc/self/status') as fh:
-            for line in fh:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _maxrss_mb()
 
 
 def _evict(path):
@@ -74,13 +59,13 @@ def write(path, n, layout, chunk=2048, seed=0):
 
 
 def measure(path, batch, reps, seed=1):
-    rss0 = _hwm_mb()
+    rss0 = peak_rss_mb()
     from pydagnn.io.imdb import load_imdb
-    rss_import = _hwm_mb()
+    rss_import = peak_rss_mb()
     t = time.perf_counter()
     imdb = load_imdb(path)
     load_s = time.perf_counter() - t
-    rss_load = _hwm_mb()
+    rss_load = peak_rss_mb()
     data = imdb.images.data
     n = data.shape[3]
     rng = np.random.default_rng(seed)
@@ -119,8 +104,8 @@ def measure(path, batch, reps, seed=1):
     if cold:
         out['cold_random_batch_ms_median'] = round(1e3 * float(np.median(cold)), 2)
         out['cold_reps'] = len(cold)
-    out['peak_rss_mb'] = round(_hwm_mb(), 1)
-    out['ru_maxrss_mb'] = round(_maxrss_mb(), 1)
+    out['peak_rss_mb'] = round(peak_rss_mb(), 1)
+    out['ru_maxrss_mb'] = round(ru_maxrss_mb(), 1)
     imdb.close()
     return out
 

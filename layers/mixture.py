@@ -172,8 +172,12 @@ class MixtureBlock(Layer):
                 drop[si].append(v)
         return drop
 
+    def _param_offset(self, i, s_index):
+        """Position in the block's params of component ``i``'s first param of stage ``s_index``."""
+        return self.param_offsets[i] + sum(s.n_params for s in self.stages[:s_index])
+
     def _params(self, params, i, s_index):
-        off = self.param_offsets[i] + sum(s.n_params for s in self.stages[:s_index])
+        off = self._param_offset(i, s_index)
         return list(params[off:off + self.stages[s_index].n_params])
 
     # -------------------------------------------------------------- forward
@@ -319,7 +323,7 @@ class MixtureBlock(Layer):
             dins, dpars = s.blocks[i].backward([vals.get(v) for v in s.inputs], pars, douts,
                                                [vals.get(o) for o in s.outputs])
             if s.n_params:
-                off = self.param_offsets[i] + sum(t.n_params for t in self.stages[:si])
+                off = self._param_offset(i, si)
                 for k, d in enumerate(list(dpars or ())[:s.n_params]):
                     if d is not None:
                         dpars_out[off + k] = d
@@ -340,7 +344,7 @@ class MixtureBlock(Layer):
                 continue
             cut = lambda vs: [_block_of(v, a, b) for v in vs]  # noqa: E731
             dins, dpars = s.blocks[i].backward(cut(ins), self._params(params, i, si), cut(douts), cut(outs))
-            off = self.param_offsets[i] + sum(t.n_params for t in self.stages[:si])
+            off = self._param_offset(i, si)
             for k, d in enumerate(list(dpars or ())[:s.n_params]):
                 der_params[off + k] = d
             parts.append(dins)
