@@ -134,3 +134,42 @@ def col2im(col, dxT, n0, FH, FW, Ho, Wo, pt, pl, sy, sx, ry, rx):
                         dst = _U(plane + xw * H + lo * sy + oy)
                         for ho in range(ulo, uhi):
                             df[dst + (ho - ulo) * usy] += cf[o + ho]
+
+
+@njit(nogil=True, cache=True)
+def pack_row_blocks(m, ap):
+    """``m`` (M, K) into row blocks ``ap`` (blocks, K, MR): ``ap[i // MR, k, i % MR] =
+    m[i, k]``, rows past M zero."""
+    M, K = m.shape
+    MR = ap.shape[2]
+    for t in range(ap.shape[0]):
+        for k in range(K):
+            for r in range(MR):
+                i = t * MR + r
+                ap[t, k, r] = m[i, k] if i < M else 0
+
+
+@njit(nogil=True, cache=True)
+def pack_grid_transposed(d3, bp, Hp):
+    """Output derivatives of one image, ``d3`` (R, Wo, Ho), transposed onto the padded
+    pixel grid of an implicit convolution: panels ``bp`` (tiles, Q, NR) of the (Q, R)
+    matrix with row ``q = wo * Hp + ho`` holding ``d3[:, wo, ho]`` for ``ho < Ho`` and zeros
+    for the ``Hp - Ho`` padding rows between columns (Q = (Wo - 1) * Hp + Ho)."""
+    R, Wo, Ho = d3.shape
+    Q = bp.shape[1]
+    NR = bp.shape[2]
+    zero = bp.dtype.type(0)
+    for t in range(bp.shape[0]):
+        r0 = t * NR
+        w = min(NR, R - r0)
+        for wo in range(Wo):
+            q0 = wo * Hp
+            for h0 in range(0, Ho, 16):   # 16-pixel blocks keep the transposition in cache
+                h1 = min(Ho, h0 + 16)
+                for u in range(w):
+                    for h in range(h0, h1):
+                        bp[t, q0 + h, u] = d3[r0 + u, wo, h]
+            for h in range(Ho, Hp):
+                if q0 + h < Q:
+                    for u in range(w):
+                        bp[t, q0 + h, u] = zero

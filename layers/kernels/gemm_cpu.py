@@ -1,0 +1,374 @@
+"""Register-blocked GEMM kernels (CPU) for the convolutions, generated as LLVM IR and
+compiled for this machine with llvmlite (numba's own LLVM binding) at first use.
+
+Why not OpenBLAS: the convolution GEMMs of small nets are thin (16-128 output channels,
+K = 9 * channels), and an im2col copy feeds them. OpenBLAS runs them single-threaded at
+74-127 GFLOP/s on the 2-core AVX-512 development machine, where these kernels run at
+119-160 (one core, fp32) from a tile that fits the register file (8 rows x 48 columns =
+24 accumulators of 16 floats with AVX-512). And they read an operand's rows through an
+*offset table*, which lets a stride-1 convolution run as an implicit GEMM on the
+zero-padded image itself, with no column matrix (see ``_Implicit`` in
+:mod:`pydagnn.layers.conv`).
+
+What a kernel computes: ``C[i, j] (=|+=) sum_k A[i, k] * B[k, j]`` for ``i < M``,
+``j < N``, ``k < K``, the sum over ``k`` in increasing order with one fused multiply-add
+per term (the same order in every variant, so the choice of variant does not change a
+bit of the result). Operands are addressed by element strides:
+
+* ``A[i, k]`` at ``A + (i // MR) * ais + (i % MR) * ars + k * aks``: a strided matrix
+  (``ais = MR * ars``) or packed row blocks;
+* ``B[k, j]`` at ``B + (j // NR) * bjs + k * ldb + j % NR``: a row-major matrix
+  (``bjs = NR``) or panels of ``NR`` columns (``bjs = K * NR``, ``ldb = NR``, see
+  :func:`panel_shape`); the ``j % NR`` run must be contiguous;
+* ``C[i, j]`` at ``C + i * ldc + j``.
+
+Edges: rows past ``M`` are computed from row ``M - 1`` and not stored; columns past ``N``
+are masked (masked vector loads and stores: nothing outside the operands is read or
+written).
+
+Variants: ``MR`` rows x ``NV`` vectors of ``VW`` lanes (``NR = NV * VW`` columns),
+``VW`` 16 floats / 8 doubles where the CPU has AVX-512, else 8 / 4 (AVX2, 16 vector
+registers: fewer accumulators). :func:`kernel_for` picks one for a shape.
+
+``$PYDAGNN_GEMM_BITS=256`` builds the 16-register variants on an AVX-512 machine too (to
+test them; they are slower there). ``$PYDAGNN_CONV_GEMM=blas`` turns these kernels off (the convolutions then use numpy's
+BLAS as before); so does a failure to compile them (with a warning).
+"""
+import ctypes
+import os
+import threading
+import warnings
+
+import numpy as np
+
+_LOCK = threading.Lock()
+_STATE = {'lib': None}   # None: not built yet; False: unavailable; else _Library
+
+#: variants per number of vectors per row, for a 32-register (AVX-512) and a 16-register
+#: (AVX2) vector file: MR rows x NV vectors, MR * NV accumulators
+_MR = {32: {1: 16, 2: 8, 3: 8, 4: 6}, 16: {1: 8, 2: 6, 3: 4, 4: 3}}
+#: relative speed of each NV on full tiles (measured, AVX-512): NV = 3 streams fastest
+_NV_SPEED = {1: 0.75, 2: 0.95, 3: 1.0, 4: 0.95}
+
+#: operand addressing of the variants: '' strided/packed, 'btab' / 'atab' rows of B / A
+#: through an offset table (implicit im2col: the rows of the column matrix are shifted
+#: views of one zero-padded image)
+MODES = ('', 'btab', 'atab')
+
+_TYPES = {np.dtype(np.float32): ('float', 4, 'f32'), np.dtype(np.float64): ('double', 8, 'f64')}
+
+
+def enabled():
+    """False when ``$PYDAGNN_CONV_GEMM`` is ``blas`` (read at call time)."""
+    return os.environ.get('PYDAGNN_CONV_GEMM', '').strip().lower() != 'blas'
+
+
+class Kernel:
+    """One compiled variant: ``mr`` rows x ``nr`` columns per tile, element ``dtype``;
+    ``mode`` '' (strided or packed operands), 'btab' (rows of B through an offset table)
+    or 'atab' (rows of A through an offset table)."""
+
+    def __init__(self, fn, dtype, mr, nv, vw, mode=''):
+        self.fn, self.dtype, self.mr, self.nv, self.mode = fn, np.dtype(dtype), mr, nv, mode
+        self.nr = nv * vw
+
+    def __repr__(self):
+        return f'Kernel({self.dtype}, {self.mr}x{self.nr}{", " + self.mode if self.mode else ""})'
+
+    def panel_shape(self, K, N):
+        """Shape (tiles, K, NR) of B packed as panels of this kernel's NR columns."""
+        return (-(-N // self.nr), K, self.nr)
+
+    def a_panel_shape(self, M, K):
+        """Shape (blocks, K, MR) of A packed as row blocks of this kernel's MR rows."""
+        return (-(-M // self.mr), K, self.mr)
+
+    def run(self, a, b, c, accumulate=False, a_panels=False, b_panels=False,
+            a_offsets=None, b_offsets=None):
+        """``c (=|+=) A @ B`` for ``c`` (M, N), a view with unit column stride.
+
+        A: ``a`` (M, K) array view (any strides); with ``a_panels`` a C-contiguous
+        (blocks, K, MR) array of row blocks; with ``a_offsets`` (mode 'atab', int64, M
+        entries) a 1-D contiguous ``a`` with ``A[i, k] = a[a_offsets[i] + k]``.
+        B: ``b`` (K, N) view with unit column stride; with ``b_panels`` a C-contiguous
+        (tiles, K, NR) panel array; with ``b_offsets`` (mode 'btab', int64, K entries) a
+        1-D contiguous ``b`` with ``B[k, j] = b[b_offsets[k] + j]``.
+        Every row read through a table is checked to lie inside its operand before the
+        call. Runs without the GIL (ctypes releases it)."""
+        M, N = c.shape
+        it = self.dtype.itemsize
+        for arr, what in ((a, 'a'), (b, 'b'), (c, 'c')):
+            if arr.dtype != self.dtype:
+                raise TypeError(f'gemm kernel {self}: {what} is {arr.dtype}')
+        if (a_offsets is not None) != (self.mode == 'atab') or \
+                (b_offsets is not None) != (self.mode == 'btab'):
+            raise ValueError(f'gemm kernel {self}: offset tables do not match the mode')
+        null = ctypes.c_void_p(0)
+        aoff = boff = null
+        # B
+        if b_offsets is not None:
+            K = len(b_offsets)
+            _check_table(b_offsets, N, b, self, 'B')
+            bjs, ldb, boff = self.nr, 0, b_offsets.ctypes.data
+        elif b_panels:
+            tiles, K, nr = b.shape
+            if nr != self.nr or tiles * nr < N or not b.flags.c_contiguous:
+                raise ValueError(f'gemm kernel {self}: B panels {b.shape} for N = {N}')
+            bjs, ldb = K * nr, nr
+        else:
+            K = b.shape[0]
+            if b.shape[1] != N or (N > 1 and K > 0 and b.strides[1] != it):
+                raise ValueError(f'gemm kernel {self}: B {b.shape} strides {b.strides}, N = {N}')
+            bjs, ldb = self.nr, (b.strides[0] // it if K > 1 else 0)
+        if M == 0 or N == 0 or K == 0:
+            if not accumulate:   # an empty sum
+                c[...] = 0
+            return c
+        # A
+        if a_offsets is not None:
+            if len(a_offsets) < M:
+                raise ValueError(f'gemm kernel {self}: {len(a_offsets)} row offsets for M = {M}')
+            _check_table(a_offsets[:M], K, a, self, 'A')
+            ais, ars, aks, aoff = 0, 0, 1, a_offsets.ctypes.data
+        elif a_panels:
+            if a.shape != self.a_panel_shape(M, K) or not a.flags.c_contiguous:
+                raise ValueError(f'gemm kernel {self}: A blocks {a.shape}, expected '
+                                 f'{self.a_panel_shape(M, K)}')
+            ais, ars, aks = K * self.mr, 1, self.mr
+        else:
+            if a.shape != (M, K):
+                raise ValueError(f'gemm kernel {self}: A {a.shape}, expected {(M, K)}')
+            ars, aks = a.strides[0] // it, a.strides[1] // it
+            ais = self.mr * ars
+        if N > 1 and c.strides[1] != it:
+            raise ValueError(f'gemm kernel {self}: C strides {c.strides}')
+        self.fn(a.ctypes.data, ais, ars, aks, aoff, b.ctypes.data, bjs, ldb, boff,
+                c.ctypes.data, c.strides[0] // it, M, N, K, int(bool(accumulate)))
+        return c
+
+
+def _check_table(offsets, run, arr, kern, what):
+    """Rows read through ``offsets`` (each ``run`` elements) must lie inside ``arr``."""
+    if offsets.dtype != np.int64 or offsets.ndim != 1 or not offsets.flags.c_contiguous:
+        raise TypeError(f'gemm kernel {kern}: {what} offsets must be a contiguous int64 vector')
+    if arr.ndim != 1 or not arr.flags.c_contiguous:
+        raise ValueError(f'gemm kernel {kern}: {what} read through offsets must be a contiguous vector')
+    if len(offsets) and (offsets.min() < 0 or offsets.max() + run > arr.size):
+        raise ValueError(f'gemm kernel {kern}: {what} offsets reach outside its '
+                         f'{arr.size} elements (rows of {run})')
+
+
+def kernel_for(M, N, dtype, run=None, mode=''):
+    """The variant for an (M, N) output of ``dtype``, or None (not float32/float64, or the
+    kernels are off or failed to build). ``run``: B's columns come in runs of this length
+    (an im2col's output columns): panels of NR columns that cut runs cost im2col time."""
+    dt = np.dtype(dtype)
+    if dt not in _TYPES or not enabled():
+        return None
+    lib = _library()
+    if not lib:
+        return None
+    vw = lib.lanes(dt)
+
+    def score(nv):
+        nr = nv * vw
+        s = N / (-(-N // nr) * nr) * _NV_SPEED[nv]
+        if run and run % nr and nr % run:
+            s *= 0.9
+        return s, nv
+    best = max(score(nv) for nv in (3, 2, 4, 1))
+    return lib.kernels[(dt, best[1], mode)]
+
+
+# --------------------------------------------------------------------------- building
+class _Library:
+    """The compiled module: kept alive with its execution engine."""
+
+    def __init__(self, regs, kernels, keep):
+        self.regs, self.kernels, self._keep = regs, kernels, keep
+
+    def lanes(self, dt):
+        return (64 if self.regs == 32 else 32) // dt.itemsize
+
+
+def _library():
+    if _STATE['lib'] is None:
+        with _LOCK:
+            if _STATE['lib'] is None:
+                try:
+                    _STATE['lib'] = _build()
+                except Exception as e:  # any failure: the BLAS path stays, said once
+                    warnings.warn(f'pydagnn: the CPU GEMM kernels did not compile ({e!r}); '
+                                  'convolutions use numpy BLAS', RuntimeWarning, stacklevel=3)
+                    _STATE['lib'] = False
+    return _STATE['lib']
+
+
+def _build():
+    import llvmlite.binding as llvm
+    try:   # needed by older llvmlite, refused (deprecated) by newer
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+    except Exception:  # pragma: no cover
+        pass
+    cpu, features = llvm.get_host_cpu_name(), llvm.get_host_cpu_features()
+    regs = 32 if features.get('avx512f', False) and os.environ.get('PYDAGNN_GEMM_BITS') != '256' else 16
+    variants = []
+    for dt, (ty, size, tag) in _TYPES.items():
+        vw = (64 if regs == 32 else 32) // size
+        for nv, mr in _MR[regs].items():
+            for mode in MODES:
+                variants.append((dt, ty, vw, mr, nv, mode, f'gemm_{tag}_{mr}x{nv}{mode}'))
+    src = '\n'.join([_declarations(ty, vw) for ty, vw in
+                     sorted({(v[1], v[2]) for v in variants})]
+                    + [generate_ir(ty, vw, mr, nv, name, a_table=mode == 'atab',
+                                   b_table=mode == 'btab')
+                       for _, ty, vw, mr, nv, mode, name in variants])
+    mod = llvm.parse_assembly(src)
+    mod.verify()
+    tm = llvm.Target.from_default_triple().create_target_machine(
+        cpu=cpu, features=features.flatten(), opt=3)
+    pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=3))
+    pb.getModulePassManager().run(mod, pb)
+    engine = llvm.create_mcjit_compiler(mod, tm)
+    engine.finalize_object()
+    P_, I_ = ctypes.c_void_p, ctypes.c_int64
+    proto = ctypes.CFUNCTYPE(None, P_, I_, I_, I_, P_, P_, I_, I_, P_, P_, I_, I_, I_, I_,
+                             ctypes.c_int32)
+    kernels = {}
+    for dt, ty, vw, mr, nv, mode, name in variants:
+        kernels[(dt, nv, mode)] = Kernel(proto(engine.get_function_address(name)), dt, mr, nv,
+                                         vw, mode)
+    return _Library(regs, kernels, (mod, engine, tm))
+
+
+def _declarations(ty, vw):
+    v = f'<{vw} x {ty}>'
+    sfx = f'v{vw}{"f32" if ty == "float" else "f64"}'
+    return (f'declare {v} @llvm.fma.{sfx}({v}, {v}, {v})\n'
+            f'declare {v} @llvm.masked.load.{sfx}.p0(ptr, i32, <{vw} x i1>, {v})\n'
+            f'declare void @llvm.masked.store.{sfx}.p0({v}, ptr, i32, <{vw} x i1>)\n')
+
+
+def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
+    """LLVM IR of one variant (see the module docstring for the arguments' meaning):
+    ``void name(A, ais, ars, aks, B, bjs, ldb, C, ldc, M, N, K, accumulate)``.
+
+    Loops: column tiles (j0, step NR) outside, row blocks (i0, step MR) inside, then
+    the reduction over k with the MR * NV accumulators in registers (loop phis): per k,
+    NV vector loads of B, MR scalar loads of A broadcast, MR * NV FMAs."""
+    V = f'<{vw} x {ty}>'
+    M1 = f'<{vw} x i1>'
+    sfx = f'v{vw}{"f32" if ty == "float" else "f64"}'
+    al = 4 if ty == 'float' else 8
+    nr = vw * nv
+    iota = ', '.join(f'i64 {t}' for t in range(vw))
+    L = []
+    e = L.append
+    e(f'define void @{name}(ptr noalias %A, i64 %ais, i64 %ars, i64 %aks, ptr %aoff, '
+      f'ptr noalias %B, i64 %bjs, i64 %ldb, ptr %boff, ptr noalias %C, i64 %ldc, i64 %M, '
+      f'i64 %N, i64 %K, i32 %acc) {{')
+    e('entry:')
+    e('  %Mm1 = sub i64 %M, 1')
+    e('  %hasacc = icmp ne i32 %acc, 0')
+    e('  %kpos = icmp sgt i64 %K, 0')
+    e(f'  %Nv.i = insertelement <{vw} x i64> poison, i64 %N, i32 0')
+    e(f'  %Nv = shufflevector <{vw} x i64> %Nv.i, <{vw} x i64> poison, <{vw} x i32> zeroinitializer')
+    e('  br label %jloop')
+    e('jloop:')
+    e('  %j0 = phi i64 [0, %entry], [%j0n, %jlatch]')
+    e('  %jt = phi i64 [0, %entry], [%jtn, %jlatch]')
+    e('  %jdone = icmp sge i64 %j0, %N')
+    e('  br i1 %jdone, label %exit, label %jbody')
+    e('jbody:')
+    for v in range(nv):   # column masks of this tile
+        e(f'  %c{v} = add i64 %j0, {v * vw}')
+        e(f'  %cv{v}.i = insertelement <{vw} x i64> poison, i64 %c{v}, i32 0')
+        e(f'  %cv{v}.s = shufflevector <{vw} x i64> %cv{v}.i, <{vw} x i64> poison, <{vw} x i32> zeroinitializer')
+        e(f'  %cv{v} = add <{vw} x i64> %cv{v}.s, <{iota}>')
+        e(f'  %mk{v} = icmp slt <{vw} x i64> %cv{v}, %Nv')
+    e('  %bjo = mul i64 %jt, %bjs')
+    e(f'  %Bj = getelementptr {ty}, ptr %B, i64 %bjo')
+    e('  br label %iloop')
+    e('iloop:')
+    e('  %i0 = phi i64 [0, %jbody], [%i0n, %ilatch]')
+    e('  %it = phi i64 [0, %jbody], [%itn, %ilatch]')
+    e('  %idone = icmp sge i64 %i0, %M')
+    e('  br i1 %idone, label %jlatch, label %ibody')
+    e('ibody:')
+    e('  %aio = mul i64 %it, %ais')
+    e(f'  %Ai = getelementptr {ty}, ptr %A, i64 %aio')
+    for r in range(mr):   # row pointers; rows past M read row M - 1 (not stored)
+        e(f'  %ri{r} = add i64 %i0, {r}')
+        e(f'  %rl{r} = icmp slt i64 %ri{r}, %M')
+        e(f'  %rc{r} = select i1 %rl{r}, i64 %ri{r}, i64 %Mm1')
+        if a_table:   # row i of A starts at A + aoff[i]
+            e(f'  %aq{r} = getelementptr i64, ptr %aoff, i64 %rc{r}')
+            e(f'  %ao{r} = load i64, ptr %aq{r}, align 8')
+            e(f'  %Ar{r} = getelementptr {ty}, ptr %A, i64 %ao{r}')
+        else:
+            e(f'  %rr{r} = sub i64 %rc{r}, %i0')
+            e(f'  %ao{r} = mul i64 %rr{r}, %ars')
+            e(f'  %Ar{r} = getelementptr {ty}, ptr %Ai, i64 %ao{r}')
+    e('  br i1 %kpos, label %kloop, label %done')
+    e('kloop:')
+    e('  %k = phi i64 [0, %ibody], [%kn, %kloop]')
+    for r in range(mr):
+        for v in range(nv):
+            e(f'  %s{r}_{v} = phi {V} [zeroinitializer, %ibody], [%t{r}_{v}, %kloop]')
+    if b_table:   # row k of B starts at B + boff[k]
+        e('  %bq = getelementptr i64, ptr %boff, i64 %k')
+        e('  %bo = load i64, ptr %bq, align 8')
+    else:
+        e('  %bo = mul i64 %k, %ldb')
+    e(f'  %Bk = getelementptr {ty}, ptr %Bj, i64 %bo')
+    for v in range(nv):
+        e(f'  %Bk{v} = getelementptr {ty}, ptr %Bk, i64 {v * vw}')
+        e(f'  %b{v} = call {V} @llvm.masked.load.{sfx}.p0(ptr %Bk{v}, i32 {al}, {M1} %mk{v}, {V} zeroinitializer)')
+    e('  %ako = mul i64 %k, %aks')
+    for r in range(mr):
+        e(f'  %ap{r} = getelementptr {ty}, ptr %Ar{r}, i64 %ako')
+        e(f'  %as{r} = load {ty}, ptr %ap{r}, align {al}')
+        e(f'  %av{r}.i = insertelement {V} poison, {ty} %as{r}, i32 0')
+        e(f'  %av{r} = shufflevector {V} %av{r}.i, {V} poison, <{vw} x i32> zeroinitializer')
+        for v in range(nv):
+            e(f'  %t{r}_{v} = call {V} @llvm.fma.{sfx}({V} %av{r}, {V} %b{v}, {V} %s{r}_{v})')
+    e('  %kn = add i64 %k, 1')
+    e('  %kmore = icmp slt i64 %kn, %K')
+    e('  br i1 %kmore, label %kloop, label %done')
+    e('done:')
+    for r in range(mr):
+        for v in range(nv):
+            e(f'  %f{r}_{v} = phi {V} [zeroinitializer, %ibody], [%t{r}_{v}, %kloop]')
+    e('  br i1 %hasacc, label %acc0, label %set0')
+    for mode in ('acc', 'set'):   # store the rows < M: C = sum, or C += sum
+        for r in range(mr):
+            nxt = f'{mode}{r + 1}' if r + 1 < mr else 'ilatch'
+            e(f'{mode}{r}:')
+            e(f'  br i1 %rl{r}, label %{mode}do{r}, label %ilatch')
+            e(f'{mode}do{r}:')
+            e(f'  %{mode}co{r} = mul i64 %ri{r}, %ldc')
+            e(f'  %{mode}C{r} = getelementptr {ty}, ptr %C, i64 %{mode}co{r}')
+            e(f'  %{mode}Cj{r} = getelementptr {ty}, ptr %{mode}C{r}, i64 %j0')
+            for v in range(nv):
+                p = f'%{mode}p{r}_{v}'
+                e(f'  {p} = getelementptr {ty}, ptr %{mode}Cj{r}, i64 {v * vw}')
+                val = f'%f{r}_{v}'
+                if mode == 'acc':
+                    e(f'  %old{r}_{v} = call {V} @llvm.masked.load.{sfx}.p0(ptr {p}, i32 {al}, {M1} %mk{v}, {V} zeroinitializer)')
+                    e(f'  %sum{r}_{v} = fadd {V} %old{r}_{v}, %f{r}_{v}')
+                    val = f'%sum{r}_{v}'
+                e(f'  call void @llvm.masked.store.{sfx}.p0({V} {val}, ptr {p}, i32 {al}, {M1} %mk{v})')
+            e(f'  br label %{nxt}')
+    e('ilatch:')
+    e(f'  %i0n = add i64 %i0, {mr}')
+    e('  %itn = add i64 %it, 1')
+    e('  br label %iloop')
+    e('jlatch:')
+    e(f'  %j0n = add i64 %j0, {nr}')
+    e('  %jtn = add i64 %jt, 1')
+    e('  br label %jloop')
+    e('exit:')
+    e('  ret void')
+    e('}')
+    return '\n'.join(L)

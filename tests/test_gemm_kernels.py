@@ -1,0 +1,192 @@
+"""The generated GEMM kernels (layers/kernels/gemm_cpu.py) and the implicit-GEMM
+convolution path built on them (layers/conv.py, _Implicit): every variant against a
+float64 product on edge shapes, the offset-table bounds checks, and the convolutions
+against the im2col + OpenBLAS path (PYDAGNN_CONV_GEMM=blas)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pydagnn.layers import conv as cv
+from pydagnn.layers.kernels import gemm_cpu as G
+from pydagnn.layers.kernels import im2col_cpu as K
+
+pytestmark = pytest.mark.skipif(not G._library(), reason='the GEMM kernels did not compile here')
+
+SHAPES = [(16, 144, 4096), (5, 7, 33), (13, 1, 17), (1, 300, 70), (40, 9, 1), (3, 0, 5), (0, 4, 6),
+          (9, 31, 100)]
+
+
+def _variants(dt, mode=''):
+    lib = G._library()
+    return [k for (d, _, m), k in lib.kernels.items() if d == np.dtype(dt) and m == mode]
+
+
+def _tol(dt, K):
+    return (1e-5 if dt == np.float32 else 1e-13) * np.sqrt(K + 1) * 10
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('M,Kr,N', SHAPES)
+def test_strided_and_packed_operands(dt, M, Kr, N):
+    rng = np.random.default_rng(M * 1000 + Kr * 10 + N)
+    A = rng.standard_normal((M, Kr)).astype(dt)
+    B = rng.standard_normal((Kr, N)).astype(dt)
+    ref = A.astype(np.float64) @ B
+    for k in _variants(dt):
+        C = np.full((M, N), 7, dt)
+        k.run(A, B, C)
+        np.testing.assert_allclose(C, ref, atol=_tol(dt, Kr), err_msg=repr(k))
+        # A transposed view (column strides), packed row blocks; B as a strided view;
+        # accumulate onto ones
+        C = np.ones((M, N), dt)
+        k.run(np.asfortranarray(A), np.ascontiguousarray(B), C, accumulate=True)
+        np.testing.assert_allclose(C, ref + 1, atol=_tol(dt, Kr), err_msg=repr(k))
+        if M and Kr:
+            ap = np.empty(k.a_panel_shape(M, Kr), dt)
+            K.pack_row_blocks(A, ap)
+            C = np.zeros((M, N + 3), dt)[:, 1:N + 1]   # C a view with a row stride
+            k.run(ap, B, C, a_panels=True)
+            np.testing.assert_allclose(C, ref, atol=_tol(dt, Kr), err_msg=repr(k))
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+def test_offset_tables(dt):
+    """B's rows (mode btab) and A's rows (mode atab) through offset tables into one
+    vector: the same product as the gathered matrix."""
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal(500).astype(dt)
+    M, Kr, N = 11, 13, 37
+    offs = rng.integers(0, 500 - N, size=Kr).astype(np.int64)
+    B = np.stack([base[o:o + N] for o in offs])
+    A = rng.standard_normal((M, Kr)).astype(dt)
+    for k in _variants(dt, 'btab'):
+        C = np.empty((M, N), dt)
+        ap = np.empty(k.a_panel_shape(M, Kr), dt)
+        K.pack_row_blocks(A, ap)
+        k.run(ap, base, C, a_panels=True, b_offsets=offs)
+        np.testing.assert_allclose(C, A.astype(np.float64) @ B, atol=_tol(dt, Kr), err_msg=repr(k))
+    aoffs = rng.integers(0, 500 - Kr, size=M).astype(np.int64)
+    A2 = np.stack([base[o:o + Kr] for o in aoffs])
+    B2 = rng.standard_normal((Kr, N)).astype(dt)
+    for k in _variants(dt, 'atab'):
+        C = np.ones((M, N), dt)
+        k.run(base, B2, C, accumulate=True, a_offsets=aoffs)
+        np.testing.assert_allclose(C, A2.astype(np.float64) @ B2 + 1, atol=_tol(dt, Kr), err_msg=repr(k))
+
+
+def test_offset_tables_are_bounds_checked():
+    k = G.kernel_for(4, 8, np.float32, mode='btab')
+    base = np.zeros(20, np.float32)
+    A = np.zeros(k.a_panel_shape(4, 2), np.float32)
+    C = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match='outside'):
+        k.run(A, base, C, a_panels=True, b_offsets=np.array([0, 13], np.int64))   # 13 + 8 > 20
+    with pytest.raises(ValueError, match='outside'):
+        k.run(A, base, C, a_panels=True, b_offsets=np.array([-1, 0], np.int64))
+    with pytest.raises(TypeError, match='int64'):
+        k.run(A, base, C, a_panels=True, b_offsets=np.array([0, 1], np.int32))
+    with pytest.raises(ValueError, match='mode'):
+        k.run(A, base, C, a_panels=True)
+    ka = G.kernel_for(4, 8, np.float32, mode='atab')
+    with pytest.raises(ValueError, match='outside'):
+        ka.run(base, np.zeros((5, 8), np.float32), C, a_offsets=np.array([0, 1, 2, 16], np.int64))
+    with pytest.raises(TypeError, match='float64'):
+        G.kernel_for(4, 8, np.float32).run(np.zeros((4, 2)), np.zeros((2, 8), np.float32), C)
+
+
+def test_kernel_choice_and_switch(monkeypatch):
+    assert G.kernel_for(16, 4096, np.float32).nr >= 32
+    assert G.kernel_for(144, 16, np.float32).nr == G._library().lanes(np.dtype(np.float32))
+    assert G.kernel_for(4, 4, np.int32) is None
+    monkeypatch.setenv('PYDAGNN_CONV_GEMM', 'blas')
+    assert G.kernel_for(16, 4096, np.float32) is None
+    x = np.ones((8, 8, 4, 2), np.float32)
+    w = np.ones((3, 3, 4, 4), np.float32)
+    assert cv._Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 'x')) is None
+
+
+def test_pack_grid_transposed():
+    rng = np.random.default_rng(4)
+    d3 = rng.standard_normal((20, 5, 6)).astype(np.float32)   # (R, Wo, Ho)
+    Hp = 8
+    Q = 4 * Hp + 6
+    for nr in (16, 32, 5):
+        bp = np.full((-(-20 // nr), Q, nr), np.nan, np.float32)
+        K.pack_grid_transposed(d3, bp, Hp)
+        full = bp.transpose(1, 0, 2).reshape(Q, -1)[:, :20]   # (Q, R)
+        grid = np.zeros((5 * Hp, 20), np.float32)
+        grid.reshape(5, Hp, 20)[:, :6] = d3.transpose(1, 2, 0)
+        np.testing.assert_array_equal(full, grid[:Q])
+
+
+# (x shape, w shape, pad, dilate): stride 1, so the implicit form is eligible unless the
+# padding exceeds the filter (then the backward falls back) or the map is small
+CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1),
+              ((20, 17, 5, 2), (3, 3, 5, 7), 1, 1),
+              ((21, 19, 4, 2), (3, 2, 4, 3), [2, 1, 0, 1], 2),
+              ((24, 24, 6, 3), (5, 5, 6, 9), 2, 1),
+              ((30, 25, 8, 1), (3, 3, 8, 40), 0, 1),
+              ((26, 26, 8, 2), (3, 3, 8, 4), 3, 1),
+              ((40, 40, 3, 2), (3, 3, 3, 16), 1, 1)]
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('xs,ws,pad,dil', CONV_CASES)
+def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, dil):
+    rng = np.random.default_rng(sum(xs) + sum(ws))
+    x = rng.standard_normal(xs).astype(dt)
+    w = rng.standard_normal(ws).astype(dt)
+    b = rng.standard_normal(ws[3]).astype(dt)
+    monkeypatch.setenv('PYDAGNN_CONV_GEMM', 'blas')
+    y0 = cv.conv_forward(x, w, b, pad, 1, dil)
+    dy = rng.standard_normal(y0.shape).astype(dt)
+    r0 = cv.conv_backward(x, w, b, dy, pad, 1, dil)
+    monkeypatch.setenv('PYDAGNN_CONV_GEMM', '')
+    calls = {'fwd': 0, 'bwd': 0}
+    fwd, bwd = cv._implicit_forward_part, cv._implicit_backward_part
+    monkeypatch.setattr(cv, '_implicit_forward_part',
+                        lambda *a: (calls.__setitem__('fwd', calls['fwd'] + 1), fwd(*a))[1])
+    monkeypatch.setattr(cv, '_implicit_backward_part',
+                        lambda *a: (calls.__setitem__('bwd', calls['bwd'] + 1), bwd(*a))[1])
+    y1 = cv.conv_forward(x, w, b, pad, 1, dil)
+    r1 = cv.conv_backward(x, w, b, dy, pad, 1, dil)
+    g = cv._Geom(x, w, b, pad, 1, dil, 'test')
+    assert calls['fwd'] == (cv._Implicit.of(g) is not None)
+    assert calls['bwd'] == (cv._Implicit.of(g, backward=True) is not None)
+    rtol = 1e-5 if dt == np.float32 else 1e-12
+    for got, want in zip((y1,) + tuple(r1), (y0,) + tuple(r0)):
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.f_contiguous
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
+
+
+def test_implicit_path_is_taken_for_the_resnet_convs():
+    """The 3x3 stride-1 convs of ResNet18 at 64x64..16x16 run implicit, backward too;
+    8x8 maps, strided convs and the 3-channel input layer's backward do not."""
+    def of(H, C, Co, s=1, backward=False):
+        x = np.zeros((H, H, C, 1), np.float32)
+        return cv._Implicit.of(cv._Geom(x, np.zeros((3, 3, C, Co), np.float32), None, 1, s, 1, 'x'),
+                               backward) is not None
+    assert of(64, 16, 16, backward=True) and of(32, 32, 32, backward=True) and of(16, 64, 64, backward=True)
+    assert of(64, 3, 16) and not of(64, 3, 16, backward=True)
+    assert not of(8, 128, 128) and not of(64, 16, 32, s=2)
+
+
+def test_avx2_variants_in_a_subprocess():
+    """The 16-register (AVX2) variants, forced on this machine: same products."""
+    code = ('import numpy as np\n'
+            'from pydagnn.layers.kernels import gemm_cpu as G\n'
+            'assert G._library().regs == 16\n'
+            'rng = np.random.default_rng(0)\n'
+            'for dt in (np.float32, np.float64):\n'
+            '    A = rng.standard_normal((13, 29)).astype(dt); B = rng.standard_normal((29, 71)).astype(dt)\n'
+            '    for key, k in G._library().kernels.items():\n'
+            '        if key[0] != np.dtype(dt) or key[2]: continue\n'
+            '        C = np.empty((13, 71), dt); k.run(A, B, C)\n'
+            '        assert np.allclose(C, A @ B, atol=1e-3), k\n'
+            'print("ok")\n')
+    env = dict(os.environ, PYDAGNN_GEMM_BITS='256')
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]
