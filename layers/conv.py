@@ -34,7 +34,7 @@ from pydagnn.layer import Layer, check_filter_params, register
 from pydagnn.layers._common import (as4d, conv_bias, filter_ders, flag, float_map, fortran,
                                     output_derivative, parse_pad, parse_pair, shape4,
                                     window_outputs)
-from pydagnn.layers.kernels import gemm_cpu as _gemm
+from pydagnn.layers import conv_implicit as _implicit
 from pydagnn.layers.kernels import im2col_cpu as _k
 from pydagnn.layers.kernels import im2col_gpu as _kg
 from pydagnn.layers.kernels.threads_cpu import matmul, parallel_for
@@ -45,13 +45,6 @@ __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'pa
 #: share one GEMM, and the buffer stays in cache between im2col and the GEMM. Maps of
 #: 32x32 and larger (or many channels) get one image per chunk.
 COL_CHUNK_BYTES = 2 << 20
-
-#: CPU, stride-1 convolutions: the implicit GEMM (:class:`_Implicit`) runs where the
-#: padded height is at most this many times the output height (the padding rows are
-#: computed and dropped) and, for the backward pass, the column matrix has at least
-#: IMPLICIT_MIN_K_BACKWARD rows
-IMPLICIT_MAX_PAD_RATIO = 1.2
-IMPLICIT_MIN_K_BACKWARD = 64
 
 #: GPU: upper bound in bytes of the im2col buffer of one chunk of images (the CuPy memory
 #: pool reuses it from call to call)
@@ -195,10 +188,8 @@ def _conv_forward_cpu(g):
                 yT3[a:b] += bcol
         parallel_for(part, N)
         return y
-    im = _Implicit.of(g)
-    kern = im and _gemm.kernel_for(g.Cout, im.ncols, g.dtype, mode='btab')
-    if kern:
-        parallel_for(_implicit_forward_part(g, im, kern, xT, yT3, wm), N, uses_blas=False)
+    im = _implicit.Implicit.of(g)
+    if im is not None and _implicit.forward(g, im, y):
         return y
     nc = g.chunk()
     P, Cog, Kg = g.P, g.Cout // g.G, g.Kg
@@ -228,104 +219,6 @@ def _conv_forward_cpu(g):
                 yT3[n0:n0 + m] = t3
     parallel_for(part, N)
     return y
-
-
-class _Implicit:
-    """The implicit-GEMM form of a stride-1, ungrouped convolution (CPU, the kernels of
-    :mod:`pydagnn.layers.kernels.gemm_cpu`): no column matrix is built. Zero-pad the
-    image to ``(C, Wp, Hp)``; on that grid, output pixel ``(wo, ho)`` is column
-    ``q = wo * Hp + ho`` and row ``k = (c * FW + fw) * FH + fh`` of the column matrix is
-    the padded image shifted by ``boff[k] = c * Wp * Hp + fw * rx * Hp + fh * ry``, so the
-    GEMM reads it in place through that offset table. The ``Hp - Ho`` columns between
-    output columns are computed and dropped (3% of the work at 64x64 with 3x3 filters,
-    25% at 8x8).
-
-    The input derivative is the same form on the derivatives: ``dx`` is the stride-1
-    correlation of ``dy`` zero-padded by ``fhe - 1 - pt`` (top) etc. with the filters
-    flipped in both directions and transposed (``Wd``: Cin x (Cout * FW * FH)), which
-    needs each padding no larger than the dilated filter minus one (else the old path).
-    The filter derivative reads the padded image through the same table as rows of A:
-    ``dW.T += A (K, Q) @ dY.T (Q, Cout)``, dY.T on the padded grid with zero rows in the
-    padding."""
-
-    @classmethod
-    def of(cls, g, backward=False):
-        """The form for a checked call, or None where it does not apply or is slower
-        than im2col + OpenBLAS (measured, per image on one core: 16-64 channels at
-        64x64-16x16 1.3-2.3x faster; at 8x8 the padding columns (Hp / Ho = 1.25) make it
-        slower than OpenBLAS on several images at once, and so is the backward pass
-        of a 3-channel input layer, whose GEMMs are too short)."""
-        if (g.G != 1 or g.sy != 1 or g.sx != 1 or g.fc or g.pointwise
-                or not _gemm.enabled() or g.dtype not in (np.float32, np.float64)
-                or (g.H + g.pt + g.pb) > IMPLICIT_MAX_PAD_RATIO * g.Ho
-                or (backward and g.K < IMPLICIT_MIN_K_BACKWARD)):
-            return None
-        im = cls(g)
-        return im if im.dx_ok or not backward else None
-
-    def __init__(self, g):
-        self.Wp, self.Hp = g.W + g.pl + g.pr, g.H + g.pt + g.pb
-        self.padded = (g.pt, g.pb, g.pl, g.pr) != (0, 0, 0, 0)
-        self.boff = _shift_table(g.C, g.FW, g.FH, self.Wp, self.Hp, g.rx, g.ry)
-        self.ncols = (g.Wo - 1) * self.Hp + g.Ho
-        pads = (g.fhe - 1 - g.pt, g.fhe - 1 - g.pb, g.fwe - 1 - g.pl, g.fwe - 1 - g.pr)
-        self.dpt, self.dpb, self.dpl, self.dpr = pads
-        self.dx_ok = min(pads) >= 0
-        self.Wq, self.Hq = g.W + g.fwe - 1, g.H + g.fhe - 1
-        self.boffd = _shift_table(g.Cout, g.FW, g.FH, self.Wq, self.Hq, g.rx, g.ry)
-        self.ncols_dx = (g.W - 1) * self.Hq + g.H
-
-    def flipped_filters(self, g):
-        """``Wd`` (Cin, Cout * FW * FH): ``Wd[c, (co * FW + fw) * FH + fh] =
-        w[FH-1-fh, FW-1-fw, c, co]``."""
-        wT = g.w.T   # (Cout, Cin, FW, FH)
-        return np.ascontiguousarray(wT.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]).reshape(
-            g.Cin, g.Cout * g.FW * g.FH)
-
-
-def _shift_table(C, FW, FH, Wp, Hp, rx, ry):
-    """Offsets (int64, C * FW * FH) of the rows of an implicit column matrix in a padded
-    (C, Wp, Hp) image: ``c * Wp * Hp + fw * rx * Hp + fh * ry``, k-ordered as ``w.T``."""
-    return (np.arange(C, dtype=np.int64)[:, None, None] * (Wp * Hp)
-            + np.arange(FW, dtype=np.int64)[None, :, None] * (rx * Hp)
-            + np.arange(FH, dtype=np.int64)[None, None, :] * ry).ravel()
-
-
-def _row_blocks(kern, m):
-    """``m`` (M, K) packed as the kernel's row blocks (one contiguous stream for its A)."""
-    ap = np.empty(kern.a_panel_shape(*m.shape), dtype=m.dtype)
-    _k.pack_row_blocks(m, ap)
-    return ap
-
-
-def _padded_source(buf, img, top, left):
-    """``img`` (C, W, H) as the flat zero-padded image: copied into the interior of
-    ``buf`` (whose border stays zero), or itself when there is no padding."""
-    if buf is None:
-        return img.reshape(-1)
-    buf[:, left:left + img.shape[1], top:top + img.shape[2]] = img
-    return buf.reshape(-1)
-
-
-def _implicit_forward_part(g, im, kern, xT, yT3, wm):
-    """Per image: pad, one kernel call ``Y = Wm @ col`` on the padded grid, keep the
-    output columns (and add the bias)."""
-    wp = _row_blocks(kern, wm)
-    b3 = None if g.b is None else g.b[:, None, None]
-
-    def part(a, b, _):
-        xpad = np.zeros((g.C, im.Wp, im.Hp), dtype=g.dtype) if im.padded else None
-        ypad = np.empty((g.Cout, g.Wo * im.Hp), dtype=g.dtype)
-        grid = ypad.reshape(g.Cout, g.Wo, im.Hp)[:, :, :g.Ho]
-        for n in range(a, b):
-            src = _padded_source(xpad, xT[n], g.pt, g.pl)
-            kern.run(wp, src, ypad[:, :im.ncols], a_panels=True, b_offsets=im.boff)
-            out = yT3[n].reshape(g.Cout, g.Wo, g.Ho)
-            if b3 is None:
-                out[...] = grid
-            else:
-                np.add(grid, b3, out=out)
-    return part
 
 
 # --------------------------------------------------------------------------- backward
@@ -362,14 +255,13 @@ def _conv_backward_cpu(g, dy):
         if db is not None:
             np.sum(dy2, axis=0, out=db)
     else:
-        im = _Implicit.of(g, backward=True)
-        kdw = im and _gemm.kernel_for(g.K, g.Cout, g.dtype, mode='atab')
-        kdx = im and _gemm.kernel_for(g.Cin, im.ncols_dx, g.dtype, mode='btab')
+        im = _implicit.Implicit.of(g, backward=True)
+        implicit = im and _implicit.backward_part(g, im, dxT, dyT3)
         if g.pointwise:
             part = _pointwise_backward_part(g, xT.reshape(N, g.C, P), dxT.reshape(N, g.C, P),
                                             dyT3, wm)
-        elif kdw and kdx:
-            part = _implicit_backward_part(g, im, kdw, kdx, xT, dxT, dyT3)
+        elif implicit:
+            part = implicit
         else:
             part = _im2col_backward_part(g, xT, dxT, dyT3, wm)
         # each part returns its own sums over its images: (dW, db)
@@ -386,34 +278,6 @@ def _cast(a, dtype):
 
 def _blas_part(part):
     part.uses_blas = True
-    return part
-
-
-def _implicit_backward_part(g, im, kdw, kdx, xT, dxT, dyT3):
-    """Per image, the implicit form (:class:`_Implicit`): ``dW.T += col @ dY.T`` with
-    col read from the padded image through the offset table and dY.T packed on the
-    padded grid; ``dx`` as the correlation of the padded dY with the flipped filters."""
-    wdp = _row_blocks(kdx, im.flipped_filters(g))
-    C, Cout, Wo, Ho = g.C, g.Cout, g.Wo, g.Ho
-
-    def part(a, b, _):
-        xpad = np.zeros((C, im.Wp, im.Hp), dtype=g.dtype) if im.padded else None
-        dypad = np.zeros((Cout, im.Wq, im.Hq), dtype=g.dtype)
-        dxpad = np.empty((C, g.W * im.Hq), dtype=g.dtype)
-        dxgrid = dxpad.reshape(C, g.W, im.Hq)[:, :, :g.H]
-        dyt = np.empty(kdw.panel_shape(im.ncols, Cout), dtype=g.dtype)
-        pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
-        pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
-        for n in range(a, b):
-            src = _padded_source(xpad, xT[n], g.pt, g.pl)
-            d3 = dyT3[n].reshape(Cout, Wo, Ho)
-            _k.pack_grid_transposed(d3, dyt, im.Hp)
-            kdw.run(src, dyt, pdwT, accumulate=True, a_offsets=im.boff, b_panels=True)
-            dsrc = _padded_source(dypad, d3, im.dpt, im.dpl)
-            kdx.run(wdp, dsrc, dxpad[:, :im.ncols_dx], a_panels=True, b_offsets=im.boffd)
-            dxT[n][...] = dxgrid
-        return pdwT.T, pdb
-    part.uses_blas = False
     return part
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pydagnn.layers import conv as cv
+from pydagnn.layers import conv_implicit as ci
 from pydagnn.layers.kernels import gemm_cpu as G
 from pydagnn.layers.kernels import im2col_cpu as K
 
@@ -105,7 +106,7 @@ def test_kernel_choice_and_switch(monkeypatch):
     assert G.kernel_for(16, 4096, np.float32) is None
     x = np.ones((8, 8, 4, 2), np.float32)
     w = np.ones((3, 3, 4, 4), np.float32)
-    assert cv._Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 'x')) is None
+    assert ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 'x')) is None
 
 
 def test_pack_grid_transposed():
@@ -122,40 +123,51 @@ def test_pack_grid_transposed():
         np.testing.assert_array_equal(full, grid[:Q])
 
 
-# (x shape, w shape, pad, dilate): stride 1, so the implicit form is eligible unless the
-# padding exceeds the filter (then the backward falls back) or the map is small
-CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1),
-              ((20, 17, 5, 2), (3, 3, 5, 7), 1, 1),
-              ((21, 19, 4, 2), (3, 2, 4, 3), [2, 1, 0, 1], 2),
-              ((24, 24, 6, 3), (5, 5, 6, 9), 2, 1),
-              ((30, 25, 8, 1), (3, 3, 8, 40), 0, 1),
-              ((26, 26, 8, 2), (3, 3, 8, 4), 3, 1),
-              ((40, 40, 3, 2), (3, 3, 3, 16), 1, 1)]
+# (x shape, w shape, pad, stride, dilate): the implicit form is eligible unless the map
+# is small; stride 1 with padding beyond the filter takes the per-phase dx
+CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1, 1),
+              ((20, 17, 5, 2), (3, 3, 5, 7), 1, 1, 1),
+              ((21, 19, 4, 2), (3, 2, 4, 3), [2, 1, 0, 1], 1, 2),
+              ((24, 24, 6, 3), (5, 5, 6, 9), 2, 1, 1),
+              ((30, 25, 8, 1), (3, 3, 8, 40), 0, 1, 1),
+              ((26, 26, 8, 2), (3, 3, 8, 4), 3, 1, 1),
+              ((40, 40, 3, 2), (3, 3, 3, 16), 1, 1, 1),
+              ((64, 64, 16, 2), (3, 3, 16, 32), 1, 2, 1),
+              ((33, 30, 9, 2), (3, 3, 9, 8), 1, 2, 1),
+              ((32, 32, 32, 2), (1, 1, 32, 64), 0, 2, 1),
+              ((31, 29, 7, 2), (3, 4, 7, 5), [1, 2, 0, 3], [3, 2], 1),
+              ((36, 35, 8, 1), (3, 3, 8, 6), 2, 2, 2),
+              ((40, 40, 8, 2), (2, 2, 8, 8), 0, 2, 1)]
 
 
 @pytest.mark.parametrize('dt', [np.float32, np.float64])
-@pytest.mark.parametrize('xs,ws,pad,dil', CONV_CASES)
-def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, dil):
+@pytest.mark.parametrize('xs,ws,pad,stride,dil', CONV_CASES)
+def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride, dil):
+    # the strided implicit path runs only where it is faster; here everywhere, to test it
+    monkeypatch.setattr(ci, 'IMPLICIT_STRIDED_MIN_HO', 1)
+    monkeypatch.setattr(ci, 'IMPLICIT_STRIDED_BACKWARD', True)
+    monkeypatch.setattr(ci, 'IMPLICIT_MAX_PAD_RATIO', 2.0)
     rng = np.random.default_rng(sum(xs) + sum(ws))
     x = rng.standard_normal(xs).astype(dt)
     w = rng.standard_normal(ws).astype(dt)
     b = rng.standard_normal(ws[3]).astype(dt)
     monkeypatch.setenv('PYDAGNN_CONV_GEMM', 'blas')
-    y0 = cv.conv_forward(x, w, b, pad, 1, dil)
+    y0 = cv.conv_forward(x, w, b, pad, stride, dil)
     dy = rng.standard_normal(y0.shape).astype(dt)
-    r0 = cv.conv_backward(x, w, b, dy, pad, 1, dil)
+    r0 = cv.conv_backward(x, w, b, dy, pad, stride, dil)
     monkeypatch.setenv('PYDAGNN_CONV_GEMM', '')
     calls = {'fwd': 0, 'bwd': 0}
-    fwd, bwd = cv._implicit_forward_part, cv._implicit_backward_part
-    monkeypatch.setattr(cv, '_implicit_forward_part',
+    fwd, bwd = ci.forward, ci.backward_part
+    monkeypatch.setattr(ci, 'forward',
                         lambda *a: (calls.__setitem__('fwd', calls['fwd'] + 1), fwd(*a))[1])
-    monkeypatch.setattr(cv, '_implicit_backward_part',
+    monkeypatch.setattr(ci, 'backward_part',
                         lambda *a: (calls.__setitem__('bwd', calls['bwd'] + 1), bwd(*a))[1])
-    y1 = cv.conv_forward(x, w, b, pad, 1, dil)
-    r1 = cv.conv_backward(x, w, b, dy, pad, 1, dil)
-    g = cv._Geom(x, w, b, pad, 1, dil, 'test')
-    assert calls['fwd'] == (cv._Implicit.of(g) is not None)
-    assert calls['bwd'] == (cv._Implicit.of(g, backward=True) is not None)
+    y1 = cv.conv_forward(x, w, b, pad, stride, dil)
+    r1 = cv.conv_backward(x, w, b, dy, pad, stride, dil)
+    g = cv._Geom(x, w, b, pad, stride, dil, 'test')
+    assert calls['fwd'] == (ci.Implicit.of(g) is not None)
+    assert calls['bwd'] == (ci.Implicit.of(g, backward=True) is not None)
+    assert ci.Implicit.of(g) is not None or ws[0] * ws[1] == 1
     rtol = 1e-5 if dt == np.float32 else 1e-12
     for got, want in zip((y1,) + tuple(r1), (y0,) + tuple(r0)):
         assert got.dtype == want.dtype and got.shape == want.shape and got.flags.f_contiguous
@@ -163,15 +175,31 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, dil):
 
 
 def test_implicit_path_is_taken_for_the_resnet_convs():
-    """The 3x3 stride-1 convs of ResNet18 at 64x64..16x16 run implicit, backward too;
-    8x8 maps, strided convs and the 3-channel input layer's backward do not."""
-    def of(H, C, Co, s=1, backward=False):
+    """The 3x3 stride-1 convs of ResNet18 at 64x64..16x16 run implicit, backward too, and
+    the stride-2 3x3 conv to 32x32 forward; 8x8 maps, the other strided convs and the
+    3-channel input layer's backward do not."""
+    def of(H, C, Co, s=1, backward=False, k=3):
         x = np.zeros((H, H, C, 1), np.float32)
-        return cv._Implicit.of(cv._Geom(x, np.zeros((3, 3, C, Co), np.float32), None, 1, s, 1, 'x'),
-                               backward) is not None
+        g = cv._Geom(x, np.zeros((k, k, C, Co), np.float32), None, (k - 1) // 2, s, 1, 'x')
+        return ci.Implicit.of(g, backward) is not None
     assert of(64, 16, 16, backward=True) and of(32, 32, 32, backward=True) and of(16, 64, 64, backward=True)
+    assert of(64, 16, 32, s=2) and not of(64, 16, 32, s=2, backward=True)
+    assert not of(32, 32, 64, s=2) and not of(16, 64, 128, s=2) and not of(64, 16, 32, s=2, k=1)
     assert of(64, 3, 16) and not of(64, 3, 16, backward=True)
-    assert not of(8, 128, 128) and not of(64, 16, 32, s=2)
+    assert not of(8, 128, 128)
+
+
+def test_to_phases():
+    rng = np.random.default_rng(5)
+    img = rng.standard_normal((3, 7, 6)).astype(np.float32)   # (C, W, H)
+    for sx, sy, pt, pl, Wp, Hp in [(1, 1, 1, 2, 10, 8), (2, 2, 1, 1, 9, 8), (3, 2, 0, 2, 9, 6)]:
+        buf = np.zeros((3, sx, sy, -(-Wp // sx), -(-Hp // sy)), np.float32)
+        K.to_phases(img, buf, pt, pl)
+        padded = np.zeros((3, -(-Wp // sx) * sx, -(-Hp // sy) * sy), np.float32)
+        padded[:, pl:pl + 7, pt:pt + 6] = img
+        for a in range(sx):
+            for b in range(sy):
+                np.testing.assert_array_equal(buf[:, a, b], padded[:, a::sx, b::sy])
 
 
 def test_avx2_variants_in_a_subprocess():

@@ -83,9 +83,15 @@ class Kernel:
         """Shape (blocks, K, MR) of A packed as row blocks of this kernel's MR rows."""
         return (-(-M // self.mr), K, self.mr)
 
-    def run(self, a, b, c, accumulate=False, a_panels=False, b_panels=False,
-            a_offsets=None, b_offsets=None):
-        """``c (=|+=) A @ B`` for ``c`` (M, N), a view with unit column stride.
+    def run(self, a, b, c, **kw):
+        """``c (=|+=) A @ B`` now (:meth:`prepare`, then the call)."""
+        return self.prepare(a, b, c, **kw)()
+
+    def prepare(self, a, b, c, accumulate=False, a_panels=False, b_panels=False,
+                a_offsets=None, b_offsets=None):
+        """The checked call ``c (=|+=) A @ B`` (a :class:`Prepared`: call it, again with
+        other arrays of the same shapes and strides: a loop over images checks and
+        builds the arguments once) for ``c`` (M, N), a view with unit column stride.
 
         A: ``a`` (M, K) array view (any strides); with ``a_panels`` a C-contiguous
         (blocks, K, MR) array of row blocks; with ``a_offsets`` (mode 'atab', int64, M
@@ -121,9 +127,7 @@ class Kernel:
                 raise ValueError(f'gemm kernel {self}: B {b.shape} strides {b.strides}, N = {N}')
             bjs, ldb = self.nr, (b.strides[0] // it if K > 1 else 0)
         if M == 0 or N == 0 or K == 0:
-            if not accumulate:   # an empty sum
-                c[...] = 0
-            return c
+            return Prepared(None, [], (a, b, c), accumulate)   # an empty sum
         # A
         if a_offsets is not None:
             if len(a_offsets) < M:
@@ -142,9 +146,46 @@ class Kernel:
             ais = self.mr * ars
         if N > 1 and c.strides[1] != it:
             raise ValueError(f'gemm kernel {self}: C strides {c.strides}')
-        self.fn(a.ctypes.data, ais, ars, aks, aoff, b.ctypes.data, bjs, ldb, boff,
-                c.ctypes.data, c.strides[0] // it, M, N, K, int(bool(accumulate)))
-        return c
+        args = [a.ctypes.data, ais, ars, aks, aoff, b.ctypes.data, bjs, ldb, boff,
+                c.ctypes.data, c.strides[0] // it, M, N, K, int(bool(accumulate))]
+        return Prepared(self.fn, args, (a, b, c), accumulate, keep=(a_offsets, b_offsets))
+
+
+def _layout(arr):
+    return arr.dtype, arr.shape, arr.strides
+
+
+class Prepared:
+    """A checked kernel call; ``call(a=, b=, c=)`` runs it, on other arrays of the
+    checked dtype, shape and strides if given (so only their data pointers change).
+    Returns ``c``."""
+
+    _SLOTS = (0, 5, 9)   # positions of the A, B, C pointers in the argument list
+
+    def __init__(self, fn, args, arrays, accumulate, keep=()):
+        self.fn, self.args, self.accumulate = fn, args, accumulate
+        self.layouts = [_layout(x) for x in arrays]
+        self.c = arrays[2]
+        self._keep = (arrays, keep)   # the tables and the first arrays stay alive
+
+    def __call__(self, a=None, b=None, c=None):
+        args = self.args
+        for i, arr in enumerate((a, b, c)):
+            if arr is not None:
+                if _layout(arr) != self.layouts[i]:
+                    raise ValueError(f'gemm kernel call: operand {"abc"[i]} has dtype, '
+                                     f'shape, strides {_layout(arr)}, prepared for '
+                                     f'{self.layouts[i]}')
+                if self.fn is not None:
+                    args = args if args is not self.args else list(args)
+                    args[self._SLOTS[i]] = arr.ctypes.data
+        out = self.c if c is None else c
+        if self.fn is None:
+            if not self.accumulate:
+                out[...] = 0
+            return out
+        self.fn(*args)
+        return out
 
 
 def _check_table(offsets, run, arr, kern, what):

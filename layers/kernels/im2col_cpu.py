@@ -173,3 +173,55 @@ def pack_grid_transposed(d3, bp, Hp):
                 if q0 + h < Q:
                     for u in range(w):
                         bp[t, q0 + h, u] = zero
+
+
+@njit(nogil=True, cache=True)
+def to_phases(img, buf, pt, pl):
+    """Image ``img`` (C, W, H) into the phase buffer ``buf`` (C, sx, sy, Wph, Hph) of an
+    implicit convolution with padding ``pt`` (top) / ``pl`` (left) and stride (sx, sy):
+    padded pixel ``(xw + pl, xh + pt)`` goes to phase ``((xw + pl) % sx, (xh + pt) % sy)``
+    at ``((xw + pl) // sx, (xh + pt) // sy)``. Entries no pixel maps to are left as they
+    are (zero: the padding). Writes run along the phase rows (contiguous)."""
+    C, W, H = img.shape
+    sx, sy, Wph, Hph = buf.shape[1], buf.shape[2], buf.shape[3], buf.shape[4]
+    src = img.ravel()
+    dst = buf.ravel()
+    for c in range(C):
+        for xw in range(W):
+            pw = xw + pl
+            a = pw % sx
+            u = pw // sx
+            s0 = (c * W + xw) * H
+            for b in range(sy):
+                # rows v of phase b hold xh = v * sy + b - pt, inside [0, H)
+                v0 = max(0, (pt - b + sy - 1) // sy)
+                v1 = min(Hph, (H + pt - b + sy - 1) // sy)
+                d0 = (((c * sx + a) * sy + b) * Wph + u) * Hph
+                if sy == 1:
+                    for v in range(_U(v0), _U(v1)):
+                        dst[_U(d0) + v] = src[_U(s0 - pt) + v]
+                else:
+                    for v in range(v0, v1):
+                        dst[_U(d0 + v)] = src[_U(s0 + v * sy + b - pt)]
+
+
+@njit(nogil=True, cache=True)
+def from_phase(grid, dx_img, x0, y0, sx, sy, nu, nv):
+    """The derivative of one phase plane back into the image: ``dx_img[:, x0 + i * sx,
+    y0 + j * sy] = grid[:, i * Hd + j]`` for ``i < nu``, ``j < nv`` (``grid`` (C, nu * Hd)
+    rows of column stride Hd; ``dx_img`` (C, W, H))."""
+    C, W, H = dx_img.shape
+    Hd = grid.shape[1] // nu if nu > 0 else 0
+    g = grid.ravel()
+    d = dx_img.ravel()
+    L = grid.shape[1]
+    for c in range(C):
+        for i in range(nu):
+            s0 = c * L + i * Hd
+            d0 = (c * W + x0 + i * sx) * H + y0
+            if sy == 1:
+                for j in range(_U(nv)):
+                    d[_U(d0) + j] = g[_U(s0) + j]
+            else:
+                for j in range(nv):
+                    d[_U(d0 + j * sy)] = g[_U(s0 + j)]
