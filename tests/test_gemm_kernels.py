@@ -137,7 +137,12 @@ CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1, 1),
               ((32, 32, 32, 2), (1, 1, 32, 64), 0, 2, 1),
               ((31, 29, 7, 2), (3, 4, 7, 5), [1, 2, 0, 3], [3, 2], 1),
               ((36, 35, 8, 1), (3, 3, 8, 6), 2, 2, 2),
-              ((40, 40, 8, 2), (2, 2, 8, 8), 0, 2, 1)]
+              ((40, 40, 8, 2), (2, 2, 8, 8), 0, 2, 1),
+              # small maps: several images stacked per GEMM (9 = 8 + a chunk of 1)
+              ((8, 8, 16, 9), (3, 3, 16, 24), 1, 1, 1),
+              ((12, 10, 4, 5), (3, 3, 4, 6), [1, 0, 1, 1], 1, 1),
+              ((10, 9, 3, 4), (3, 3, 3, 5), 2, 1, 2),
+              ((6, 7, 8, 3), (2, 3, 8, 4), [0, 1, 2, 0], 1, 1)]
 
 
 @pytest.mark.parametrize('dt', [np.float32, np.float64])
@@ -147,6 +152,7 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     monkeypatch.setattr(ci, 'IMPLICIT_STRIDED_MIN_HO', 1)
     monkeypatch.setattr(ci, 'IMPLICIT_STRIDED_BACKWARD', True)
     monkeypatch.setattr(ci, 'IMPLICIT_MAX_PAD_RATIO', 2.0)
+    monkeypatch.setattr(ci, 'IMPLICIT_MAX_PAD_RATIO_BACKWARD', 2.0)
     rng = np.random.default_rng(sum(xs) + sum(ws))
     x = rng.standard_normal(xs).astype(dt)
     w = rng.standard_normal(ws).astype(dt)
@@ -168,6 +174,8 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     assert calls['fwd'] == (ci.Implicit.of(g) is not None)
     assert calls['bwd'] == (ci.Implicit.of(g, backward=True) is not None)
     assert ci.Implicit.of(g) is not None or ws[0] * ws[1] == 1
+    if g.Ho < ci.IMPLICIT_STACK_ROWS and (stride, xs[3]) == (1, 9):
+        assert ci.Implicit.of(g).m == 8
     rtol = 1e-5 if dt == np.float32 else 1e-12
     for got, want in zip((y1,) + tuple(r1), (y0,) + tuple(r0)):
         assert got.dtype == want.dtype and got.shape == want.shape and got.flags.f_contiguous
@@ -179,14 +187,15 @@ def test_implicit_path_is_taken_for_the_resnet_convs():
     the stride-2 3x3 conv to 32x32 forward; 8x8 maps, the other strided convs and the
     3-channel input layer's backward do not."""
     def of(H, C, Co, s=1, backward=False, k=3):
-        x = np.zeros((H, H, C, 1), np.float32)
+        x = np.zeros((H, H, C, 32), np.float32)
         g = cv._Geom(x, np.zeros((k, k, C, Co), np.float32), None, (k - 1) // 2, s, 1, 'x')
         return ci.Implicit.of(g, backward) is not None
     assert of(64, 16, 16, backward=True) and of(32, 32, 32, backward=True) and of(16, 64, 64, backward=True)
     assert of(64, 16, 32, s=2) and not of(64, 16, 32, s=2, backward=True)
     assert not of(32, 32, 64, s=2) and not of(16, 64, 128, s=2) and not of(64, 16, 32, s=2, k=1)
     assert of(64, 3, 16) and not of(64, 3, 16, backward=True)
-    assert not of(8, 128, 128)
+    assert of(8, 128, 128) and not of(8, 128, 128, backward=True)   # stacked forward
+    assert of(16, 64, 64, backward=True)
 
 
 def test_to_phases():
