@@ -36,7 +36,7 @@ def relu_forward(x, leak=0):
 PARALLEL_MIN = 1 << 16
 
 
-def _flat_parts(n, run):
+def flat_parts(n, run):
     """``run(a, b)`` over a split of ``range(n)``: on the worker threads for big maps."""
     if n < PARALLEL_MIN:
         run(0, n)
@@ -49,7 +49,7 @@ def _relu_forward_cpu(x, leak):
         # numba kernel on the flat F-order arrays, split over the worker threads
         y = np.empty(x.shape, dtype=x.dtype, order='F')
         xf, yf = x.ravel(order='F'), y.ravel(order='F')
-        _flat_parts(x.size, lambda a, b: _kc.relu_forward(xf, yf, a, b))
+        flat_parts(x.size, lambda a, b: _kc.relu_forward(xf, yf, a, b))
         return y
     if leak == 0:
         y = np.maximum(x, x.dtype.type(0))
@@ -79,7 +79,7 @@ def _relu_backward_cpu(x, dy, leak):
             and dy.dtype == x.dtype):
         dx = np.empty(x.shape, dtype=x.dtype, order='F')
         xf, dyf, dxf = x.ravel(order='F'), dy.ravel(order='F'), dx.ravel(order='F')
-        _flat_parts(x.size, lambda a, b: _kc.relu_backward(xf, dyf, dxf, a, b))
+        flat_parts(x.size, lambda a, b: _kc.relu_backward(xf, dyf, dxf, a, b))
         return dx
     if leak == 0:
         dx = dy * (x > 0)

@@ -3,7 +3,9 @@ import numpy as np
 
 from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer, register
+from pydagnn.layers.kernels import eltwise_cpu as _kc
 from pydagnn.layers.kernels import eltwise_gpu as _ke
+from pydagnn.layers.relu import flat_parts
 
 __all__ = ['sum_forward', 'sum_backward', 'Sum']
 
@@ -24,6 +26,14 @@ def sum_forward(inputs):
 
 
 def _sum_forward_cpu(inputs):
+    a = inputs[0]
+    if (len(inputs) == 2 and a.dtype.kind == 'f' and a.dtype == inputs[1].dtype
+            and a.flags.f_contiguous and inputs[1].flags.f_contiguous):
+        # the common case (a residual connection): a numba pass on the worker threads
+        y = np.empty(a.shape, dtype=a.dtype, order='F')
+        af, bf, yf = a.ravel(order='F'), inputs[1].ravel(order='F'), y.ravel(order='F')
+        flat_parts(a.size, lambda lo, hi: _kc.add(af, bf, yf, lo, hi))
+        return y
     y = inputs[0] + inputs[1] if len(inputs) > 1 else inputs[0].copy(order='F')
     for a in inputs[2:]:
         y += a

@@ -184,3 +184,23 @@ def test_dropout_masks_and_modes(rng):
     (y,) = blk.forward([x], [])
     assert y is x
     assert blk.backward([x], [], [dy], [y])[0][0] is dy
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('shape', [(3, 4, 2, 2), (64, 64, 16, 8)])   # serial / threaded
+def test_sum_of_two_maps_kernel(dt, shape):
+    """The numba Sum of two Fortran maps (on the worker threads from PARALLEL_MIN
+    elements) equals numpy's, NaN and Inf included; other layouts take numpy's path."""
+    from pydagnn.layers.sum import sum_forward
+    rng = np.random.default_rng(7)
+    a = np.asfortranarray(rng.standard_normal(shape).astype(dt))
+    b = np.asfortranarray(rng.standard_normal(shape).astype(dt))
+    a.flat[[0, 5]] = [np.nan, np.inf]
+    b.flat[[5, 6]] = [-np.inf, np.inf]
+    with np.errstate(invalid='ignore'):   # inf + -inf
+        y = sum_forward([a, b])
+        assert y.dtype == dt and y.flags.f_contiguous
+        np.testing.assert_array_equal(y, a + b)
+        c = np.ascontiguousarray(b)   # C order: numpy's path, same values
+        np.testing.assert_array_equal(sum_forward([a, c]), a + b)
+        np.testing.assert_array_equal(sum_forward([a, b, a]), a + b + a)

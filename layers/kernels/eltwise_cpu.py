@@ -1,4 +1,4 @@
-"""numba kernels (CPU) for elementwise layers on flat arrays: the ReLU.
+"""numba kernels (CPU) for elementwise layers on flat arrays: the ReLU and the Sum.
 
 Each kernel works on the flat range ``[a, b)`` of its arrays so that the callers split
 a map over worker threads (:mod:`threads_cpu`); serial, GIL released, unsigned indices
@@ -32,3 +32,10 @@ def relu_backward(xf, dyf, dxf, a, b):
     one = dxf.dtype.type(1)
     for i in range(_U(a), _U(b)):
         dxf[i] = dyf[i] * (one if xf[i] > zero else zero)
+
+
+@njit(nogil=True, cache=True)
+def add(af, bf, yf, a, b):
+    """``y = a + b`` on ``[a, b)`` of the flat arrays (numpy's ``+`` runs on one core)."""
+    for i in range(_U(a), _U(b)):
+        yf[i] = af[i] + bf[i]
