@@ -14,12 +14,17 @@ Grouped convolution as in ``vl_nnconv``: when ``C`` is a multiple of ``Cin``, th
 
 Implementation: Fortran-order maps (``x.T`` is a C-contiguous ``(N, C, W, H)`` view).
 1x1 stride-1 unpadded convolutions and "fully connected" ones (a filter covering the
-whole unpadded input) are GEMMs on the input itself, without any copy. Everything else
-is im2col (numba) + one GEMM per chunk of images, with chunks sized so the column matrix
-stays in cache; the backward pass is one GEMM for ``dw`` and one for ``dx`` per chunk,
-then col2im (numba). The batch is split over worker threads, each streaming through
-its own images with single-threaded BLAS (see :mod:`pydagnn.layers.kernels.threads_cpu`).
-The dtype of ``x`` is kept (float32 or float64); the results are Fortran-contiguous.
+whole unpadded input) are GEMMs on the input itself, without any copy. Stride-1
+convolutions (and strided ones to large maps, forward) run as an *implicit GEMM* on
+generated register-blocked kernels, with no column matrix
+(:mod:`pydagnn.layers.conv_implicit`, :mod:`pydagnn.layers.kernels.gemm_cpu`), where
+that is faster. Everything else is im2col (numba) + one OpenBLAS GEMM per chunk of
+images, with chunks sized so the column matrix stays in cache; the backward pass is one
+GEMM for ``dw`` and one for ``dx`` per chunk, then col2im (numba). The batch is split
+over worker threads, each streaming through its own images with single-threaded
+kernels (see :mod:`pydagnn.layers.kernels.threads_cpu`). The dtype of ``x`` is kept
+(float32 or float64); the results are Fortran-contiguous. ``$PYDAGNN_CONV_GEMM=blas``
+turns the implicit path off.
 
 CuPy inputs take the GPU path (``_conv_forward_gpu`` / ``_conv_backward_gpu`` below): the
 same geometry and checks, CUDA im2col / col2im (:mod:`pydagnn.layers.kernels.im2col_gpu`)
