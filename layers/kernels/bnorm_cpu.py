@@ -1,4 +1,5 @@
-"""numba kernels (CPU) for batch normalization with batch statistics.
+"""numba kernels (CPU) for batch normalization with batch statistics, and for a batch
+normalization fused with the ReLU after it (the ``*_relu`` kernels at the end).
 
 Layout: ``x3`` is the C-contiguous ``(N, C, HW)`` view of an ``H x W x C x N``
 Fortran-order map (``x.T.reshape(N, C, W*H)``): per image and channel one contiguous
@@ -124,3 +125,83 @@ def backward_dx(x3, dy3, dx3, c0, c1, mu, muz, g1, g2):
             o = _U((n * C + c) * HW)
             for i in range(uHW):
                 of[o + i] = a * (df[o + i] - mz) - b * (xf[o + i] - m)
+
+
+# ---------------------------------------------------------------------------- BN + ReLU
+# The fused batch norm -> ReLU (:mod:`pydagnn.layers.bnorm_relu`). The ReLU is applied
+# in the normalisation pass, and backward masks ``dy`` by the fused output ``y`` (the
+# ReLU's sign pattern, leak >= 0) inside the sums and the dx pass, so that neither the
+# BN output nor the masked ``dy`` is written out. The slopes ``spos``, ``sneg`` (leak 0:
+# 1 and 0) are scalars of the map's dtype, so that ``dy * slope`` is the ReLU's float
+# product exactly.
+@njit(nogil=True, cache=True)
+def normalize_relu(x3, y3, c0, c1, mu, scale, shift, leaky, spos, sneg):
+    """``y = relu((x - mu[c]) * scale[c] + shift[c])`` on channels ``[c0, c1)``: with
+    ``leaky`` False ``max(v, 0)`` as :func:`eltwise_cpu.relu_forward` (NaN kept, -inf
+    to 0), else ``v * (spos if v > 0 else sneg)`` as the leaky ReLU's product."""
+    N, C, HW = x3.shape
+    xf = x3.ravel()
+    yf = y3.ravel()
+    uHW = _U(HW)
+    zero = yf.dtype.type(0)
+    for c in range(c0, c1):
+        m = mu[c]
+        a = scale[c]
+        b = shift[c]
+        for n in range(N):
+            o = _U((n * C + c) * HW)
+            if leaky:
+                for i in range(uHW):
+                    v = (xf[o + i] - m) * a + b
+                    yf[o + i] = v * (spos if v > zero else sneg)
+            else:
+                for i in range(uHW):
+                    v = (xf[o + i] - m) * a + b
+                    yf[o + i] = zero if v <= zero else v
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg, db, dot):
+    """:func:`backward_sums` of the masked ``d = dy * (spos if y > 0 else sneg)``
+    (``y`` the fused output): ``db = sum(d)``, ``dot = sum(d * (x - mu))``."""
+    N, C, HW = x3.shape
+    xf = x3.ravel()
+    yf = y3.ravel()
+    df = dy3.ravel()
+    uHW = _U(HW)
+    zero = yf.dtype.type(0)
+    for c in range(c0, c1):
+        m = mu[c]
+        s = 0.0
+        t = 0.0
+        for n in range(N):
+            o = _U((n * C + c) * HW)
+            for i in range(uHW):
+                d = df[o + i] * (spos if yf[o + i] > zero else sneg)
+                s += d
+                t += d * (xf[o + i] - m)
+        db[c] = s
+        dot[c] = t
+
+
+@njit(nogil=True, cache=True)
+def backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, g1, g2, spos, sneg):
+    """:func:`backward_dx` of the masked ``d = dy * (spos if y > 0 else sneg)``:
+    ``dx = g1[c] (d - muz[c]) - g2[c] (x - mu[c])`` on channels ``[c0, c1)``."""
+    N, C, HW = x3.shape
+    xf = x3.ravel()
+    yf = y3.ravel()
+    df = dy3.ravel()
+    of = dx3.ravel()
+    uHW = _U(HW)
+    zero = yf.dtype.type(0)
+    for c in range(c0, c1):
+        m = mu[c]
+        mz = muz[c]
+        a = g1[c]
+        b = g2[c]
+        for n in range(N):
+            o = _U((n * C + c) * HW)
+            for i in range(uHW):
+                d = df[o + i] * (spos if yf[o + i] > zero else sneg)
+                of[o + i] = a * (d - mz) - b * (xf[o + i] - m)
