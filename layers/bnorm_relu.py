@@ -1,0 +1,245 @@
+"""Batch normalization followed by a ReLU, computed together (CPU speed).
+
+``y = relu(g * (x - mu) / sigma + b)`` with the ReLU's ``leak`` (>= 0), where the BN
+part is :mod:`pydagnn.layers.bnorm`'s (batch statistics or given moments, the same
+formulas) and the ReLU is :mod:`pydagnn.layers.relu`'s. Backward is the BN backward
+(MatConvNet's CPU formula, see bnorm.py) of the ReLU's derivative
+``d = dy * (y > 0)`` (with a leak: ``dy * (leak + (1 - leak) * (y > 0))``); the
+ReLU's output gives its sign pattern for leak >= 0, as MatConvNet's short circuit.
+
+Why: run as two layers, BN writes its output (a pass over the map), the ReLU reads it
+and writes another; backward, the ReLU writes the masked ``dy`` that BN then reads.
+On the CPU the numba kernels of :mod:`pydagnn.layers.kernels.bnorm_cpu` apply the ReLU
+inside BN's normalisation pass and the mask inside BN's backward passes: two passes
+and one map fewer each way, and the BN output is never allocated. Backward also reuses
+the batch moments of forward (:class:`BatchNormReLU` keeps them as state) instead of
+recomputing them: the same numbers (the same kernel on the same x), two passes fewer.
+
+Anything else (CuPy arrays, a dtype other than float32/float64, a negative leak,
+synced batch statistics) runs the existing BN and ReLU one after the other, which is
+always what the two layers compute.
+
+:class:`BatchNormReLU` is not a MatConvNet type and is never saved:
+:func:`pydagnn.models.fuse.fuse_bn_relu` makes it from a net's own ``dagnn.BatchNorm``
+and ``dagnn.ReLU`` blocks as a :class:`pydagnn.plan.FusedGroup`.
+"""
+import numpy as np
+
+from pydagnn.backend import is_gpu_array
+from pydagnn.layer import Layer
+from pydagnn.layers._common import as4d, as_scalar, dy_like, first_value, opts_to_dict
+from pydagnn.layers.bnorm import (bnorm_backward, bnorm_backward_fixed_moments, bnorm_forward,
+                                  bnorm_moments)
+from pydagnn.layers.kernels import bnorm_cpu as _kc
+from pydagnn.layers.kernels.threads_cpu import parallel_for
+from pydagnn.layers.relu import relu_backward, relu_forward
+
+__all__ = ['bnorm_relu_forward', 'bnorm_relu_backward', 'bnorm_relu_backward_fixed_moments',
+           'BatchNormReLU']
+
+#: the dtypes the fused CPU kernels take (anything else runs BN, then ReLU)
+_KERNEL_DTYPES = (np.float32, np.float64)
+
+
+def _check(x, g, b, op):
+    x = as4d(x, 'x', op)
+    C = x.shape[2]
+    for name, a in (('g', g), ('b', b)):
+        if a.size != C:
+            raise ValueError(f'{op}: {name} has shape {a.shape} ({a.size} elements), '
+                             f'x has shape {x.shape} with {C} channels')
+    return x
+
+
+def _fused_cpu(x, leak):
+    """Whether the fused kernels take this map: a NumPy float32/float64 array and a
+    leak >= 0 (a negative leak flips the sign pattern of the output: it cannot give
+    the mask)."""
+    return not is_gpu_array(x) and x.dtype.type in _KERNEL_DTYPES and leak >= 0
+
+
+def bnorm_relu_forward(x, g, b, moments=None, epsilon=1e-5, leak=0):
+    """``relu_forward(bnorm_forward(x, g, b, moments, epsilon)[0], leak)``.
+
+    x: H x W x C x N; g, b: C elements; moments: None (batch statistics) or ``C x 2``
+    ``[mu, sigma]`` used as given. Returns ``(y, moments)``: y Fortran-contiguous, the
+    ``(C, 2)`` moments used."""
+    x = _check(x, g, b, 'bnorm_relu_forward')
+    leak = float(leak)
+    if _fused_cpu(x, leak):
+        return _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak)
+    y, m = bnorm_forward(x, g, b, moments=moments, epsilon=epsilon)
+    return relu_forward(y, leak), m
+
+
+def bnorm_relu_backward(x, g, b, y, dy, moments=None, epsilon=1e-5, leak=0):
+    """``bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments, epsilon)``:
+    ``(dx, dg, db, moments)``.
+
+    y: the forward output (the ReLU's, whose sign gives the mask). moments: None (the
+    batch moments are recomputed) or ``C x 2``, given to BN's formula (the batch moments
+    of forward give the same numbers as recomputing them)."""
+    x = _check(x, g, b, 'bnorm_relu_backward')
+    y = dy_like(x, y, 'bnorm_relu_backward')
+    dy = dy_like(x, dy, 'bnorm_relu_backward')
+    leak = float(leak)
+    if _fused_cpu(x, leak):
+        return _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak)
+    return bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments=moments, epsilon=epsilon)
+
+
+def bnorm_relu_backward_fixed_moments(x, g, b, y, dy, moments, leak=0):
+    """The 'test'-mode derivative: ``bnorm_backward_fixed_moments`` of the ReLU's
+    derivative -> ``(dx, dg, db)``. Not fused (a backward in test mode is rare)."""
+    return bnorm_backward_fixed_moments(x, g, b, relu_backward(y, dy, float(leak)), moments)
+
+
+# ---------------------------------------------------------------------------- CPU
+# The same (N, C, H*W) view and per-channel split over the worker threads as bnorm.py.
+def _x3(a, dt):
+    """The C-contiguous (N, C, H*W) view of an H x W x C x N map in dtype ``dt`` (a copy
+    only when it is not F-contiguous or of another dtype)."""
+    H, W, C, N = a.shape
+    return np.ascontiguousarray(a.astype(dt, copy=False).T.reshape(N, C, W * H))
+
+
+def _on_channels(C, run):
+    """``run(c0, c1)`` over a split of the C channels on the worker threads."""
+    parallel_for(lambda c0, c1, _: run(c0, c1), C, uses_blas=False)
+
+
+def _slopes(leak, dt):
+    """The ReLU's slopes ``(leak + (1 - leak), leak)`` as scalars of dtype ``dt``,
+    computed as relu.py's ``_slope`` does (so that ``dy * slope`` rounds the same)."""
+    t = dt.type
+    return t(leak) + t(1 - leak), t(leak)
+
+
+def _moments(x, moments, epsilon):
+    """``(mu, sigma, m)``: the batch moments of x (``moments`` None) or the given ones as
+    bnorm.py takes them (2C values in MATLAB order), mu and sigma contiguous (C,) and
+    ``m`` the ``(C, 2)`` moments used, all in x's dtype."""
+    C, dt = x.shape[2], x.dtype
+    if moments is None:
+        m = bnorm_moments(x, epsilon)
+    else:
+        m = moments.astype(dt, copy=False)
+        if m.shape != (C, 2):
+            m = m.reshape(C, 2, order='F')
+    return np.ascontiguousarray(m[:, 0]), np.ascontiguousarray(m[:, 1]), m
+
+
+def _vector(v, C, dt):
+    return np.ascontiguousarray(v.reshape(C).astype(dt, copy=False))
+
+
+def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
+    C, dt = x.shape[2], x.dtype
+    x3 = _x3(x, dt)
+    mu, sigma, m = _moments(x, moments, epsilon)
+    scale = np.ascontiguousarray(_vector(g, C, dt) / sigma)
+    shift = _vector(b, C, dt)
+    spos, sneg = _slopes(leak, dt)
+    y = np.empty(x.shape, dtype=dt, order='F')
+    y3 = y.T.reshape(x3.shape)
+    _on_channels(C, lambda c0, c1: _kc.normalize_relu(x3, y3, c0, c1, mu, scale, shift,
+                                                      leak != 0, spos, sneg))
+    return y, m
+
+
+def _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
+    C, dt = x.shape[2], x.dtype
+    x3, y3, dy3 = _x3(x, dt), _x3(y, dt), _x3(dy, dt)
+    mu, sigma, m = _moments(x, moments, epsilon)
+    spos, sneg = _slopes(leak, dt)
+    M = dt.type(dy3.shape[0] * dy3.shape[2])
+    db64, dot64 = np.empty(C), np.empty(C)
+    _on_channels(C, lambda c0, c1: _kc.backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg,
+                                                          db64, dot64))
+    # bnorm.py's formula, in x's dtype: dx = G1 * (d - db/M) - G2 * (x - mu)
+    db = db64.astype(dt)
+    dg = dot64.astype(dt) / sigma
+    G1 = _vector(g, C, dt) / sigma
+    G2 = G1 * dg / (M * sigma)
+    muz = db / M
+    dx = np.empty(x.shape, dtype=dt, order='F')
+    dx3 = dx.T.reshape(x3.shape)
+    _on_channels(C, lambda c0, c1: _kc.backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, G1, G2,
+                                                        spos, sneg))
+    return dx, dg.reshape(g.shape), db.reshape(b.shape), m
+
+
+# ---------------------------------------------------------------------------- block
+class BatchNormReLU(Layer):
+    """A ``dagnn.BatchNorm`` block followed by a ``dagnn.ReLU`` block, as one plan entry:
+    inputs [x], params the BN's [g, b, moments], outputs [the ReLU's y] and one state
+    output (the batch moments of forward, for backward; None in 'test' mode).
+
+    Reads the options of the two blocks it is made of at every call (``epsilon``, the
+    ReLU's ``leak`` / ``opts``) and the net's mode, and gives what the two layers give:
+    the same y, dx, dg, db and moments "derivative" (the batch moments times N) in
+    'normal' mode, dx, dg, db in 'test' mode. Where the fused path does not apply (a
+    negative leak, synced batch statistics) it runs the two blocks themselves."""
+    type_name = 'pydagnn.BatchNormReLU'
+    state_outputs = 1
+
+    def __init__(self, bn, relu):
+        super().__init__()
+        self.bn = bn
+        self.relu = relu
+
+    def _eps(self):
+        return float(first_value(self.bn.epsilon))
+
+    def _leak(self):
+        o = opts_to_dict(self.relu.opts, 'ReLU.opts')
+        return float(as_scalar(o.get('leak', self.relu.leak)))
+
+    def fusable(self):
+        """Whether the ReLU's options let the pair run fused (leak >= 0); with a negative
+        leak the block still computes the pair, as the two blocks."""
+        return self._leak() >= 0
+
+    def _composed(self, leak):
+        """Whether to run the two blocks one after the other (see the class docstring)."""
+        return leak < 0 or (self.bn.batch_synced and self.mode != 'test')
+
+    def forward(self, inputs, params):
+        x = inputs[0]
+        g, b, m = params[0], params[1], params[2]
+        leak = self._leak()
+        if self._composed(leak):
+            z = self.bn.forward(inputs, params)[0]
+            return [self.relu.forward([z], [])[0], None]
+        if self.mode == 'test':
+            y, _ = bnorm_relu_forward(x, g, b, moments=m, epsilon=self._eps(), leak=leak)
+            return [y, None]
+        y, mom = bnorm_relu_forward(x, g, b, epsilon=self._eps(), leak=leak)
+        return [y, mom]
+
+    def backward(self, inputs, params, der_outputs, outputs):
+        x = inputs[0]
+        g, b, m = params[0], params[1], params[2]
+        dy, (y, mom) = der_outputs[0], outputs
+        leak = self._leak()
+        if self._composed(leak):
+            return self._composed_backward(inputs, params, dy, y)
+        if self.mode == 'test':
+            dx, dg, db = bnorm_relu_backward_fixed_moments(x, g, b, y, dy, m, leak)
+            return [dx], [dg, db, None]
+        dx, dg, db, mom = bnorm_relu_backward(x, g, b, y, dy, moments=mom, epsilon=self._eps(), leak=leak)
+        # as BatchNorm.backward: the "derivative" of the moments is the batch moments times N
+        n = x.shape[3] if x.ndim == 4 else 1
+        dm = (mom * x.dtype.type(n)).reshape(m.shape, order='F')
+        return [dx], [dg, db, dm]
+
+    def _composed_backward(self, inputs, params, dy, y):
+        """The ReLU block's backward, then the BN block's. The ReLU reads its input when
+        the leak is negative (the output's sign is not the input's then): the BN output
+        is recomputed for it."""
+        z = self.bn.forward(inputs, params)[0] if self._leak() < 0 else None
+        (dz,), _ = self.relu.backward([z], [], [dy], [y])
+        return self.bn.backward(inputs, params, [dz], [None])
+
+    def get_output_sizes(self, input_sizes):
+        return [input_sizes[0]]
