@@ -393,6 +393,8 @@ class BatchNorm(Layer):
     #: when that one does not need it either (BN -> ReLU)
     backward_needs_outputs = False
     param_roles = ('vector', 'vector', 'moments')
+    #: a loaded net runs each BN -> ReLU pair fused (:func:`pydagnn.models.fuse.set_fused_bn_relu`)
+    net_finalizer = 'pydagnn.models.fuse:set_fused_bn_relu'
 
     def check_param_shapes(self, values, names):
         """g, b and the moments have one row per channel, ``numChannels`` of them (when set)."""

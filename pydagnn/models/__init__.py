@@ -12,6 +12,7 @@ and (for GM nets) routing and execution order are those of the original builders
 import numpy as np
 
 from ..dagnn import DagNN
+from .fuse import set_fused_bn_relu
 from .gm import finalize_gm, gm_execution_order, set_routes  # noqa: F401
 from .heads import add_baseline_head, add_classifier, add_gm_head
 from .resnet import NetBuilder, add_trunk
@@ -178,4 +179,5 @@ def build(model_type, *, topk=8, cm_num=16, loss_w=100, order=None, section_len=
     for l in net.layers:
         if l.type == 'dagnn.BatchNorm':
             net.get_param(l.params[2]).learning_rate = 0.3
+    set_fused_bn_relu(net)
     return net
