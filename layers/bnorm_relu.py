@@ -227,7 +227,8 @@ class BatchNormReLU(Layer):
         if self.mode == 'test':
             dx, dg, db = bnorm_relu_backward_fixed_moments(x, g, b, y, dy, m, leak)
             return [dx], [dg, db, None]
-        dx, dg, db, mom = bnorm_relu_backward(x, g, b, y, dy, moments=mom, epsilon=self._eps(), leak=leak)
+        dx, dg, db, mom = bnorm_relu_backward(x, g, b, y, dy, moments=mom, epsilon=self._eps(),
+                                              leak=leak)
         # as BatchNorm.backward: the "derivative" of the moments is the batch moments times N
         n = x.shape[3] if x.ndim == 4 else 1
         dm = (mom * x.dtype.type(n)).reshape(m.shape, order='F')
