@@ -51,11 +51,9 @@ def _check(x, g, b, op):
     return x
 
 
-def _fused_cpu(x, leak):
-    """Whether the fused kernels take this map: a NumPy float32/float64 array and a
-    leak >= 0 (a negative leak flips the sign pattern of the output: it cannot give
-    the mask)."""
-    return not is_gpu_array(x) and x.dtype.type in _KERNEL_DTYPES and leak >= 0
+def _fused_cpu(x):
+    """Whether the fused kernels take this map: a NumPy float32 or float64 array."""
+    return not is_gpu_array(x) and x.dtype.type in _KERNEL_DTYPES
 
 
 def bnorm_relu_forward(x, g, b, moments=None, epsilon=1e-5, leak=0):
@@ -66,7 +64,7 @@ def bnorm_relu_forward(x, g, b, moments=None, epsilon=1e-5, leak=0):
     ``(C, 2)`` moments used."""
     x = _check(x, g, b, 'bnorm_relu_forward')
     leak = float(leak)
-    if _fused_cpu(x, leak):
+    if _fused_cpu(x):
         return _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak)
     y, m = bnorm_forward(x, g, b, moments=moments, epsilon=epsilon)
     return relu_forward(y, leak), m
@@ -76,14 +74,18 @@ def bnorm_relu_backward(x, g, b, y, dy, moments=None, epsilon=1e-5, leak=0):
     """``bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments, epsilon)``:
     ``(dx, dg, db, moments)``.
 
-    y: the forward output (the ReLU's, whose sign gives the mask). moments: None (the
-    batch moments are recomputed) or ``C x 2``, given to BN's formula (the batch moments
-    of forward give the same numbers as recomputing them)."""
+    y: the forward output (the ReLU's, whose sign gives the mask: leak >= 0, else the
+    sign is flipped where the input is negative). moments: None (the batch moments are
+    recomputed) or ``C x 2``, given to BN's formula (the batch moments of forward give
+    the same numbers as recomputing them)."""
     x = _check(x, g, b, 'bnorm_relu_backward')
     y = dy_like(x, y, 'bnorm_relu_backward')
     dy = dy_like(x, dy, 'bnorm_relu_backward')
     leak = float(leak)
-    if _fused_cpu(x, leak):
+    if leak < 0:
+        raise ValueError(f'bnorm_relu_backward: the ReLU mask is read from the output y, '
+                         f'which needs leak >= 0, got leak {leak}')
+    if _fused_cpu(x):
         return _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak)
     return bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments=moments, epsilon=epsilon)
 

@@ -121,8 +121,12 @@ def test_fused_test_mode_backward_is_the_composed_one():
         np.testing.assert_array_equal(a, e)
 
 
-def test_fused_op_checks_shapes():
-    x, _, g, b, _ = _data(np.float32)
+def test_fused_op_negative_leak_forward_and_checks():
+    x, dy, g, b, _ = _data(np.float32)
+    y, _ = bnorm_relu_forward(x, g, b, leak=-0.2)
+    np.testing.assert_array_equal(y, relu_forward(bnorm_forward(x, g, b)[0], -0.2))
+    with pytest.raises(ValueError, match='bnorm_relu_backward: .* needs leak >= 0'):
+        bnorm_relu_backward(x, g, b, y, dy, leak=-0.2)
     with pytest.raises(ValueError, match='bnorm_relu_forward: g has shape'):
         bnorm_relu_forward(x, g[:3], b)
 
