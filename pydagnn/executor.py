@@ -390,7 +390,7 @@ class Executor:
             if val is not None and hasattr(d, 'shape') and d.shape != val.shape:
                 raise EvalError(f'layer {layer.name!r} ({layer.type}) returned a derivative of shape '
                                 f'{d.shape} for var {name!r} of shape {val.shape}')
-            var.der = d if var.der is None else var.der + d
+            var.der = d if var.der is None else _add_ders(var.der, d)
 
     def _accumulate_params(self, layer, der_pars, touched):
         net = self.net
@@ -405,3 +405,14 @@ class Executor:
             else:
                 p.der = p.der + d
             touched.add(i)
+
+
+def _add_ders(a, b):
+    """``a + b`` for two derivatives of a var: a new array (either may be shared: a Sum's
+    derivatives are one object), on the worker threads for two same-layout CPU maps
+    (``dagnn.Sum``'s kernel; numpy's ``+`` on one core took 8 ms per ResNet18 step)."""
+    if (type(a) is np.ndarray and type(b) is np.ndarray and a.shape == b.shape
+            and a.dtype == b.dtype and a.flags.f_contiguous and b.flags.f_contiguous):
+        from pydagnn.layers.sum import sum_forward   # numba: not at import (CLI --help)
+        return sum_forward([a, b])
+    return a + b
