@@ -140,23 +140,19 @@ class Implicit:
         if buf is None:
             return xT[n0].reshape(-1)
         g = self.g
-        for j in range(self.m):
-            _k.to_phases(xT[n0 + j], buf, g.pt + j * self.step, g.pl)
+        if (g.sx, g.sy) == (1, 1):   # one numba call for the chunk
+            _k.rows_into(xT, n0, self.m, buf.reshape(g.C, self.Wp, self.Hp), g.pl, g.pt, self.step)
+        else:
+            _k.to_phases(xT[n0], buf, g.pt, g.pl)
         return buf.reshape(-1)
 
-    def image_rows(self, j, rows):
-        """The slice of image ``j``'s ``rows`` rows in a tall grid."""
-        return slice(j * self.step, j * self.step + rows)
-
-    # ------------------------------------------------------------------ dx
     def tall_dy(self, buf, dyT3, n0):
         """The derivatives of images ``n0..`` as the tall (Cout, Wo, Ho) map: image j's
         rows in ``buf`` (whose rows between images stay zero), or image n0's own view."""
         g = self.g
         if self.m == 1:
             return dyT3[n0].reshape(g.Cout, g.Wo, g.Ho)
-        for j in range(self.m):
-            buf[:, :, self.image_rows(j, g.Ho)] = dyT3[n0 + j].reshape(g.Cout, g.Wo, g.Ho)
+        _k.rows_into(dyT3.reshape(g.N, g.Cout, g.Wo, g.Ho), n0, self.m, buf, 0, 0, self.step)
         return buf
 
     def flipped_filters(self):
@@ -203,6 +199,9 @@ class Implicit:
         return out
 
 
+_NO_BIAS = {'f': np.zeros(0, np.float32), 'd': np.zeros(0, np.float64)}
+
+
 def _stack_count(g):
     """Images per implicit GEMM: stride-1 maps under IMPLICIT_STACK_ROWS rows high are
     stacked (up to that many output rows), so the dropped rows between output columns
@@ -239,8 +238,8 @@ def forward(g, im, y):
         return False
     wp = row_blocks(kern, g.wmat())
     xT = g.x.T
-    yT3 = y.T.reshape(g.N, g.Cout, g.P)
-    b3 = None if g.b is None else g.b[:, None, None]
+    y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
+    bias = np.zeros(0, dtype=g.dtype) if g.b is None else g.b
 
     def chunk_state(c):
         buf = c.phase_buffer()
@@ -258,13 +257,7 @@ def forward(g, im, y):
                 call = st[3] = kern.prepare(wp, src, ypad[:, :c.ncols], a_panels=True,
                                             b_offsets=c.boff)
             call(b=src)
-            for j in range(c.m):
-                out = yT3[n0 + j].reshape(g.Cout, g.Wo, g.Ho)
-                rows = grid[:, :, c.image_rows(j, g.Ho)]
-                if b3 is None:
-                    out[...] = rows
-                else:
-                    np.add(rows, b3, out=out)
+            _k.rows_from(grid, y4, n0, c.m, 0, c.step, bias)
     parallel_for(part, g.N, uses_blas=False)
     return True
 
@@ -336,10 +329,9 @@ class _flip_dx_step:
         """dx of the images n0.. of the chunk from their tall dy ``d3``."""
         g, im = self.g, self.im
         dypad, call, grid = bufs
-        dypad[:, im.dpl:im.dpl + g.Wo, im.dpt:im.dpt + im.Ho] = d3
+        _k.rows_into(d3[None], 0, 1, dypad, im.dpl, im.dpt, 0)
         call()
-        for j in range(im.m):
-            dxT[n0 + j][...] = grid[:, :, im.image_rows(j, g.H)]
+        _k.rows_from(grid, dxT, n0, im.m, 0, im.step, _NO_BIAS[g.dtype.char])
 
 
 class _phase_dx_step:

@@ -225,3 +225,41 @@ def from_phase(grid, dx_img, x0, y0, sx, sy, nu, nv):
             else:
                 for j in range(nv):
                     d[_U(d0 + j * sy)] = g[_U(s0 + j)]
+
+
+@njit(nogil=True, cache=True)
+def rows_into(src4, n0, m, dst3, c0, r0, step):
+    """Images ``n0 .. n0+m-1`` of ``src4`` (N, R, Wx, h) stacked into the tall map ``dst3``
+    (R, Wt, Ht) of an implicit convolution: ``dst3[r, c0 + w, r0 + j * step + i] =
+    src4[n0 + j, r, w, i]``. The entries between images are left as they are (zero)."""
+    R, Wx, h = src4.shape[1], src4.shape[2], src4.shape[3]
+    Wt, Ht = dst3.shape[1], dst3.shape[2]
+    s = src4.ravel()
+    d = dst3.ravel()
+    for j in range(m):
+        for r in range(R):
+            for w in range(Wx):
+                so = _U(((n0 + j) * R + r) * Wx + w) * _U(h)
+                do = _U((r * Wt + c0 + w) * Ht + r0 + j * step)
+                for i in range(_U(h)):
+                    d[do + i] = s[so + i]
+
+
+@njit(nogil=True, cache=True)
+def rows_from(src3, dst4, n0, m, r0, step, bias):
+    """The inverse for outputs: ``dst4[n0 + j, r, w, i] = src3[r, w, r0 + j * step + i]``
+    (+ ``bias[r]`` when ``bias`` has R entries) for ``j < m``, ``i < h``, ``w < Wx`` with
+    ``dst4`` (N, R, Wx, h) and ``src3`` (R, Ws, Hs)."""
+    R, Wx, h = dst4.shape[1], dst4.shape[2], dst4.shape[3]
+    Ws, Hs = src3.shape[1], src3.shape[2]
+    s = src3.ravel()
+    d = dst4.ravel()
+    with_bias = bias.size == R
+    for j in range(m):
+        for r in range(R):
+            add = bias[r] if with_bias else s.dtype.type(0)
+            for w in range(Wx):
+                so = _U((r * Ws + w) * Hs + r0 + j * step)
+                do = _U(((n0 + j) * R + r) * Wx + w) * _U(h)
+                for i in range(_U(h)):
+                    d[do + i] = s[so + i] + add
