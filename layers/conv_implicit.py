@@ -45,9 +45,6 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
 #: matrix has at least IMPLICIT_MIN_K_BACKWARD rows (see Implicit.of)
 IMPLICIT_MAX_PAD_RATIO = 1.2
 IMPLICIT_MIN_K_BACKWARD = 64
-#: the same bound for the backward pass, which gains less from the implicit form (at 8x8,
-#: stacked, 1.14 times the work: 14.0 against 12.4 ms with OpenBLAS, one core, batch 32)
-IMPLICIT_MAX_PAD_RATIO_BACKWARD = 1.1
 #: strided convolutions: the implicit forward only from this output height on, and the
 #: implicit backward only when this is True (measured, ResNet18's stride-2 layers at batch
 #: 32 on 2 cores: forward 2.9-3.1 against 3.8 ms at 32x32 output, no faster at 16x16,
@@ -65,10 +62,10 @@ class Implicit:
     @classmethod
     def of(cls, g, backward=False):
         """The form for a checked call, or None where it does not apply or is slower
-        than im2col + OpenBLAS (measured, per image on one core: 16-64 channels at
-        64x64-16x16 1.3-2.3x faster; at 8x8 the dropped rows (Hp / Ho = 1.25) make it
-        slower than OpenBLAS on several images at once, and so is the backward pass
-        of a 3-channel input layer, whose GEMMs are too short)."""
+        than im2col + OpenBLAS. Measured (ResNet18's layers, batch 32, one and two
+        cores): stride 1 at 64x64-8x8 (small maps stacked) 1.2-2.3x faster forward and
+        backward; the backward of a 3-channel input layer, whose GEMMs are too short,
+        and most strided convolutions are not (IMPLICIT_STRIDED_*)."""
         if (g.G != 1 or g.fc or g.pointwise or not _gemm.enabled()
                 or g.dtype not in (np.float32, np.float64)
                 or (backward and g.K < IMPLICIT_MIN_K_BACKWARD)):
@@ -78,8 +75,7 @@ class Implicit:
             return None
         im = cls(g, _stack_count(g))
         # grid columns computed per chunk of m images, against the output pixels
-        ratio = IMPLICIT_MAX_PAD_RATIO_BACKWARD if backward else IMPLICIT_MAX_PAD_RATIO
-        if g.Wo * im.Hph > ratio * g.P * im.m:
+        if g.Wo * im.Hph > IMPLICIT_MAX_PAD_RATIO * g.P * im.m:
             return None
         return im
 
