@@ -35,6 +35,7 @@ import numpy as np
 
 from pydagnn.layers.kernels import gemm_cpu as _gemm
 from pydagnn.layers.kernels import im2col_cpu as _k
+from pydagnn.layers.kernels import threads_cpu as _threads
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_PAD_RATIO',
@@ -208,7 +209,10 @@ def _stack_count(g):
     if (g.sx, g.sy) != (1, 1) or g.Ho >= IMPLICIT_STACK_ROWS or max(g.pt, g.pb) > g.fhe - 1 \
             or max(g.pl, g.pr) > g.fwe - 1:
         return 1
-    return max(1, min(g.N, IMPLICIT_STACK_ROWS // g.Ho))
+    # no more than a worker's part of the batch (parallel_for's split), or every chunk
+    # would be a short one
+    parts = max(1, min(g.N, _threads.num_workers() * _threads.PARTS_PER_WORKER))
+    return max(1, min(-(-g.N // parts), IMPLICIT_STACK_ROWS // g.Ho))
 
 
 def _image_range(phase, pad, stride, size, nph):

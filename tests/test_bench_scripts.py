@@ -100,3 +100,25 @@ def test_rss_child_torch_reports_a_positive_peak(bench):
     peak, ru, rec, lines = bench.child_peak(bench.rss_child_cmd(args, 'torch-train', 'ResNet18-GAP'))
     assert rec['child'] == 'torch-train' and peak > 0 and ru > 0
     assert bench.torch_train_record(lines, 'ResNet18-GAP')['batch'] == 2
+
+
+def test_bench_conv_runs_and_reports(tmp_path):
+    """benchmarks/bench_conv.py in a tiny form (two layers, batch 2, pydagnn's two paths):
+    the JSON lines it promises, with positive times; and a bad --layers is one error."""
+    out = tmp_path / 'conv.jsonl'
+    cmd = [sys.executable, str(ROOT / 'benchmarks' / 'bench_conv.py'), '--layers', 's3,s5ad',
+           '--batch', '2', '--rounds', '1', '--iters', '1', '--no-torch', '--out', str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    import json
+    recs = [json.loads(l) for l in out.read_text().splitlines()]
+    kinds = [r['kind'] for r in recs]
+    assert kinds.count('round') == 4 and kinds.count('layer') == 2 and 'total' in kinds
+    for r in recs:
+        if r['kind'] == 'layer':
+            for impl in ('pydagnn', 'blas'):
+                assert r[impl]['forward_ms'] > 0 and r[impl]['backward_gflops'] > 0
+    peak = [r for r in recs if r['kind'] == 'gemm_peak']
+    assert not peak or peak[0]['gflops_1_thread'] > 0
+    bad = subprocess.run(cmd[:2] + ['--layers', 's9'], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and 'error:' in bad.stderr and 's9' in bad.stderr
