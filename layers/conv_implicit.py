@@ -39,6 +39,7 @@ from pydagnn.layers.kernels import threads_cpu as _threads
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
 __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_PAD_RATIO',
+           'IMPLICIT_AVX2_MIN_PIXELS',
            'IMPLICIT_MIN_K_BACKWARD']
 
 #: the implicit form runs where its grid is at most this many times the output pixels
@@ -53,6 +54,12 @@ IMPLICIT_MIN_K_BACKWARD = 64
 #: short). The phase code is exact either way (the tests run it with these relaxed).
 IMPLICIT_STRIDED_MIN_HO = 32
 IMPLICIT_STRIDED_BACKWARD = False
+#: without AVX-512 (16 vector registers: smaller tiles), only maps of at least this many
+#: output pixels run implicit. Measured only with the 256-bit kernels forced on the
+#: AVX-512 machine (PYDAGNN_GEMM_BITS=256) against AVX-512 OpenBLAS: 64x64 maps 1.5x
+#: faster, 16x16 and 8x8 1.3-1.5x slower; on a real AVX2 machine OpenBLAS is slower too,
+#: so this is the cautious side.
+IMPLICIT_AVX2_MIN_PIXELS = 2048
 #: stride-1 maps lower than this are stacked (see _stack_count) up to this many rows
 IMPLICIT_STACK_ROWS = 64
 
@@ -73,6 +80,8 @@ class Implicit:
             return None
         if (g.sx, g.sy) != (1, 1) and (g.Ho < IMPLICIT_STRIDED_MIN_HO or g.FH * g.FW == 1
                                        or (backward and not IMPLICIT_STRIDED_BACKWARD)):
+            return None
+        if _gemm.vector_registers() < 32 and g.P < IMPLICIT_AVX2_MIN_PIXELS:
             return None
         im = cls(g, _stack_count(g))
         # grid columns computed per chunk of m images, against the output pixels

@@ -222,6 +222,11 @@ def test_avx2_variants_in_a_subprocess():
             '        if key[0] != np.dtype(dt) or key[2]: continue\n'
             '        C = np.empty((13, 71), dt); k.run(A, B, C)\n'
             '        assert np.allclose(C, A @ B, atol=1e-3), k\n'
+            'from pydagnn.layers import conv as cv, conv_implicit as ci\n'
+            'def of(H, C):\n'
+            '    x = np.zeros((H, H, C, 8), np.float32); w = np.zeros((3, 3, C, C), np.float32)\n'
+            '    return ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, "t")) is not None\n'
+            'assert of(64, 16) and not of(16, 64)   # IMPLICIT_AVX2_MIN_PIXELS\n'
             'print("ok")\n')
     env = dict(os.environ, PYDAGNN_GEMM_BITS='256')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)

@@ -199,10 +199,16 @@ def _check_table(offsets, run, arr, kern, what):
                          f'{arr.size} elements (rows of {run})')
 
 
-def kernel_for(M, N, dtype, run=None, mode=''):
-    """The variant for an (M, N) output of ``dtype``, or None (not float32/float64, or the
-    kernels are off or failed to build). ``run``: B's columns come in runs of this length
-    (an im2col's output columns): panels of NR columns that cut runs cost im2col time."""
+def vector_registers():
+    """32 where the kernels use AVX-512, 16 otherwise (0: not built)."""
+    lib = _library()
+    return lib.regs if lib else 0
+
+
+def kernel_for(M, N, dtype, mode=''):
+    """The variant of ``mode`` (see :data:`MODES`) for an (M, N) output of ``dtype``, or
+    None (not float32/float64, or the kernels are off or failed to build): the column
+    tile that wastes least of N (measured speeds of the tiles weigh in)."""
     dt = np.dtype(dtype)
     if dt not in _TYPES or not enabled():
         return None
@@ -213,10 +219,7 @@ def kernel_for(M, N, dtype, run=None, mode=''):
 
     def score(nv):
         nr = nv * vw
-        s = N / (-(-N // nr) * nr) * _NV_SPEED[nv]
-        if run and run % nr and nr % run:
-            s *= 0.9
-        return s, nv
+        return N / (-(-N // nr) * nr) * _NV_SPEED[nv], nv
     best = max(score(nv) for nv in (3, 2, 4, 1))
     return lib.kernels[(dt, best[1], mode)]
 
