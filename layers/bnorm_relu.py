@@ -41,7 +41,9 @@ __all__ = ['bnorm_relu_forward', 'bnorm_relu_backward', 'bnorm_relu_backward_fix
 _KERNEL_DTYPES = (np.float32, np.float64)
 
 
-def _check(x, g, b, op):
+def check_bn_args(x, g, b, op):
+    """x as a 4-D map, checked against g and b (C elements each); ValueError naming
+    ``op`` and the shapes otherwise."""
     x = as4d(x, 'x', op)
     C = x.shape[2]
     for name, a in (('g', g), ('b', b)):
@@ -51,7 +53,7 @@ def _check(x, g, b, op):
     return x
 
 
-def _fused_cpu(x):
+def fused_cpu(x):
     """Whether the fused kernels take this map: a NumPy float32 or float64 array."""
     return not is_gpu_array(x) and x.dtype.type in _KERNEL_DTYPES
 
@@ -62,9 +64,9 @@ def bnorm_relu_forward(x, g, b, moments=None, epsilon=1e-5, leak=0):
     x: H x W x C x N; g, b: C elements; moments: None (batch statistics) or ``C x 2``
     ``[mu, sigma]`` used as given. Returns ``(y, moments)``: y Fortran-contiguous, the
     ``(C, 2)`` moments used."""
-    x = _check(x, g, b, 'bnorm_relu_forward')
+    x = check_bn_args(x, g, b, 'bnorm_relu_forward')
     leak = float(leak)
-    if _fused_cpu(x):
+    if fused_cpu(x):
         return _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak)
     y, m = bnorm_forward(x, g, b, moments=moments, epsilon=epsilon)
     return relu_forward(y, leak), m
@@ -78,14 +80,14 @@ def bnorm_relu_backward(x, g, b, y, dy, moments=None, epsilon=1e-5, leak=0):
     sign is flipped where the input is negative). moments: None (the batch moments are
     recomputed) or ``C x 2``, given to BN's formula (the batch moments of forward give
     the same numbers as recomputing them)."""
-    x = _check(x, g, b, 'bnorm_relu_backward')
+    x = check_bn_args(x, g, b, 'bnorm_relu_backward')
     y = dy_like(x, y, 'bnorm_relu_backward')
     dy = dy_like(x, dy, 'bnorm_relu_backward')
     leak = float(leak)
     if leak < 0:
         raise ValueError(f'bnorm_relu_backward: the ReLU mask is read from the output y, '
                          f'which needs leak >= 0, got leak {leak}')
-    if _fused_cpu(x):
+    if fused_cpu(x):
         return _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak)
     return bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments=moments, epsilon=epsilon)
 
@@ -98,26 +100,27 @@ def bnorm_relu_backward_fixed_moments(x, g, b, y, dy, moments, leak=0):
 
 # ---------------------------------------------------------------------------- CPU
 # The same (N, C, H*W) view and per-channel split over the worker threads as bnorm.py.
-def _x3(a, dt):
+# The helpers are public: the fused residual tail (layers/bnorm_sum_relu.py) uses them.
+def plane_view(a, dt):
     """The C-contiguous (N, C, H*W) view of an H x W x C x N map in dtype ``dt`` (a copy
     only when it is not F-contiguous or of another dtype)."""
     H, W, C, N = a.shape
     return np.ascontiguousarray(a.astype(dt, copy=False).T.reshape(N, C, W * H))
 
 
-def _on_channels(C, run):
+def on_channels(C, run):
     """``run(c0, c1)`` over a split of the C channels on the worker threads."""
     parallel_for(lambda c0, c1, _: run(c0, c1), C, uses_blas=False)
 
 
-def _slopes(leak, dt):
+def relu_slopes(leak, dt):
     """The ReLU's slopes ``(leak + (1 - leak), leak)`` as scalars of dtype ``dt``,
     computed as relu.py's ``_slope`` does (so that ``dy * slope`` rounds the same)."""
     t = dt.type
     return t(leak) + t(1 - leak), t(leak)
 
 
-def _moments(x, moments, epsilon):
+def moments_used(x, moments, epsilon):
     """``(mu, sigma, m)``: the batch moments of x (``moments`` None) or the given ones as
     bnorm.py takes them (2C values in MATLAB order), mu and sigma contiguous (C,) and
     ``m`` the ``(C, 2)`` moments used, all in x's dtype."""
@@ -131,43 +134,59 @@ def _moments(x, moments, epsilon):
     return np.ascontiguousarray(m[:, 0]), np.ascontiguousarray(m[:, 1]), m
 
 
-def _vector(v, C, dt):
+def channel_vector(v, C, dt):
+    """A per-channel param (C elements, any shape) as a contiguous (C,) vector of ``dt``."""
     return np.ascontiguousarray(v.reshape(C).astype(dt, copy=False))
+
+
+def bn_backward_coefficients(db64, dot64, g, sigma, M, dt):
+    """bnorm.py's backward formula from the float64 sums ``db64 = sum(d)``, ``dot64 =
+    sum(d * (x - mu))`` of M values per channel: ``(db, dg, G1, G2, muz)`` in dtype ``dt``,
+    for ``dx = G1 * (d - muz) - G2 * (x - mu)``."""
+    C = db64.shape[0]
+    M = dt.type(M)
+    db = db64.astype(dt)
+    dg = dot64.astype(dt) / sigma
+    G1 = channel_vector(g, C, dt) / sigma
+    G2 = G1 * dg / (M * sigma)
+    return db, dg, G1, G2, db / M
+
+
+def moments_derivative(x, mom, m):
+    """BatchNorm.backward's "derivative" of the moments param ``m``: the batch moments
+    ``mom`` times N (images), in ``m``'s shape."""
+    n = x.shape[3] if x.ndim == 4 else 1
+    return (mom * x.dtype.type(n)).reshape(m.shape, order='F')
 
 
 def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
     C, dt = x.shape[2], x.dtype
-    x3 = _x3(x, dt)
-    mu, sigma, m = _moments(x, moments, epsilon)
-    scale = np.ascontiguousarray(_vector(g, C, dt) / sigma)
-    shift = _vector(b, C, dt)
-    spos, sneg = _slopes(leak, dt)
+    x3 = plane_view(x, dt)
+    mu, sigma, m = moments_used(x, moments, epsilon)
+    scale = np.ascontiguousarray(channel_vector(g, C, dt) / sigma)
+    shift = channel_vector(b, C, dt)
+    spos, sneg = relu_slopes(leak, dt)
     y = np.empty(x.shape, dtype=dt, order='F')
     y3 = y.T.reshape(x3.shape)
-    _on_channels(C, lambda c0, c1: _kc.normalize_relu(x3, y3, c0, c1, mu, scale, shift,
-                                                      leak != 0, spos, sneg))
+    on_channels(C, lambda c0, c1: _kc.normalize_relu(x3, y3, c0, c1, mu, scale, shift,
+                                                     leak != 0, spos, sneg))
     return y, m
 
 
 def _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
     C, dt = x.shape[2], x.dtype
-    x3, y3, dy3 = _x3(x, dt), _x3(y, dt), _x3(dy, dt)
-    mu, sigma, m = _moments(x, moments, epsilon)
-    spos, sneg = _slopes(leak, dt)
-    M = dt.type(dy3.shape[0] * dy3.shape[2])
+    x3, y3, dy3 = plane_view(x, dt), plane_view(y, dt), plane_view(dy, dt)
+    mu, sigma, m = moments_used(x, moments, epsilon)
+    spos, sneg = relu_slopes(leak, dt)
     db64, dot64 = np.empty(C), np.empty(C)
-    _on_channels(C, lambda c0, c1: _kc.backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg,
-                                                          db64, dot64))
-    # bnorm.py's formula, in x's dtype: dx = G1 * (d - db/M) - G2 * (x - mu)
-    db = db64.astype(dt)
-    dg = dot64.astype(dt) / sigma
-    G1 = _vector(g, C, dt) / sigma
-    G2 = G1 * dg / (M * sigma)
-    muz = db / M
+    on_channels(C, lambda c0, c1: _kc.backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg,
+                                                         db64, dot64))
+    db, dg, G1, G2, muz = bn_backward_coefficients(db64, dot64, g, sigma,
+                                                   dy3.shape[0] * dy3.shape[2], dt)
     dx = np.empty(x.shape, dtype=dt, order='F')
     dx3 = dx.T.reshape(x3.shape)
-    _on_channels(C, lambda c0, c1: _kc.backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, G1, G2,
-                                                        spos, sneg))
+    on_channels(C, lambda c0, c1: _kc.backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, G1, G2,
+                                                       spos, sneg))
     return dx, dg.reshape(g.shape), db.reshape(b.shape), m
 
 
@@ -231,10 +250,7 @@ class BatchNormReLU(Layer):
             return [dx], [dg, db, None]
         dx, dg, db, mom = bnorm_relu_backward(x, g, b, y, dy, moments=mom, epsilon=self._eps(),
                                               leak=leak)
-        # as BatchNorm.backward: the "derivative" of the moments is the batch moments times N
-        n = x.shape[3] if x.ndim == 4 else 1
-        dm = (mom * x.dtype.type(n)).reshape(m.shape, order='F')
-        return [dx], [dg, db, dm]
+        return [dx], [dg, db, moments_derivative(x, mom, m)]
 
     def _composed_backward(self, inputs, params, dy, y):
         """The ReLU block's backward, then the BN block's. The ReLU reads its input when
