@@ -1,5 +1,6 @@
-"""numba kernels (CPU) for batch normalization with batch statistics, and for a batch
-normalization fused with the ReLU after it (the ``*_relu`` kernels at the end).
+"""numba kernels (CPU) for batch normalization with batch statistics, for a batch
+normalization fused with the ReLU after it (the ``*_relu`` kernels), and for the residual
+tail BN -> Sum -> ReLU (the ``*_sum_relu`` kernels at the end).
 
 Layout: ``x3`` is the C-contiguous ``(N, C, HW)`` view of an ``H x W x C x N``
 Fortran-order map (``x.T.reshape(N, C, W*H)``): per image and channel one contiguous
@@ -205,3 +206,63 @@ def backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, g1, g2, spos, sneg):
             for i in range(uHW):
                 d = df[o + i] * (spos if yf[o + i] > zero else sneg)
                 of[o + i] = a * (d - mz) - b * (xf[o + i] - m)
+
+
+# ---------------------------------------------------------------------------- BN + Sum + ReLU
+# The fused residual tail ``z = relu(bn(x) + s)`` (:mod:`pydagnn.layers.bnorm_sum_relu`).
+# Forward adds the shortcut ``s`` in the normalisation pass; backward writes the masked
+# ``ds = dz * slope(z)`` (the shortcut's derivative, which the net needs anyway) while it
+# sums it, and the dx pass is :func:`backward_dx` reading ``ds``. Same float64 sums,
+# same dtype arithmetic and operation order as BN, then Sum, then ReLU.
+@njit(nogil=True, cache=True)
+def normalize_sum_relu(x3, s3, z3, c0, c1, mu, scale, shift, leaky, spos, sneg):
+    """``z = relu((x - mu[c]) * scale[c] + shift[c] + s)`` on channels ``[c0, c1)``: the
+    BN value rounded to the map's dtype, plus ``s``, then the ReLU as
+    :func:`normalize_relu` applies it (``leaky`` False: ``max(v, 0)``, NaN kept)."""
+    N, C, HW = x3.shape
+    xf = x3.ravel()
+    sf = s3.ravel()
+    zf = z3.ravel()
+    uHW = _U(HW)
+    zero = zf.dtype.type(0)
+    for c in range(c0, c1):
+        m = mu[c]
+        a = scale[c]
+        b = shift[c]
+        for n in range(N):
+            o = _U((n * C + c) * HW)
+            if leaky:
+                for i in range(uHW):
+                    v = (xf[o + i] - m) * a + b + sf[o + i]
+                    zf[o + i] = v * (spos if v > zero else sneg)
+            else:
+                for i in range(uHW):
+                    v = (xf[o + i] - m) * a + b + sf[o + i]
+                    zf[o + i] = zero if v <= zero else v
+
+
+@njit(nogil=True, cache=True, fastmath=_FM)
+def backward_sums_sum_relu(x3, z3, dz3, ds3, c0, c1, mu, spos, sneg, db, dot):
+    """Per channel in ``[c0, c1)``: ``ds = dz * (spos if z > 0 else sneg)`` written out
+    (``z`` the fused output), and :func:`backward_sums` of it: ``db = sum(ds)``,
+    ``dot = sum(ds * (x - mu))``."""
+    N, C, HW = x3.shape
+    xf = x3.ravel()
+    zf = z3.ravel()
+    df = dz3.ravel()
+    sf = ds3.ravel()
+    uHW = _U(HW)
+    zero = zf.dtype.type(0)
+    for c in range(c0, c1):
+        m = mu[c]
+        s = 0.0
+        t = 0.0
+        for n in range(N):
+            o = _U((n * C + c) * HW)
+            for i in range(uHW):
+                d = df[o + i] * (spos if zf[o + i] > zero else sneg)
+                sf[o + i] = d
+                s += d
+                t += d * (xf[o + i] - m)
+        db[c] = s
+        dot[c] = t
