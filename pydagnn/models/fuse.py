@@ -117,10 +117,12 @@ def fuse_bn_relu(net):
     taken = {l.name for l in net.layers} | {g.name for g in other}
     groups = []
     for layer in net.layers:
-        found = _group_of(net, layer, readers, producers)
-        if found is None or owned & set(found[2]):
+        found = _group_of(layer, readers, producers)
+        if found is None:
             continue
         block, inputs, members, outputs, params = found
+        if owned & set(members):
+            continue
         name = _unique('+'.join(members), taken)
         taken.add(name)
         owned.update(members)
@@ -128,10 +130,10 @@ def fuse_bn_relu(net):
     return groups
 
 
-def _group_of(net, layer, readers, producers):
-    """``(block, inputs, members, outputs, params)`` of the group ``layer`` ends the
-    pattern of (a BN of a BN -> ReLU pair, the Sum of a residual tail), or None (no
-    pattern, or a ReLU leak < 0)."""
+def _group_of(layer, readers, producers):
+    """``(block, inputs, members, outputs, params)`` of the group found at ``layer``:
+    the BN of a BN -> ReLU pair or the Sum of a residual tail; None when ``layer`` is
+    neither, or the ReLU's leak is negative."""
     from pydagnn.layers.bnorm_relu import BatchNormReLU
     from pydagnn.layers.bnorm_sum_relu import BatchNormSumReLU
     tail = _tail(layer, readers, producers) if layer.type == 'dagnn.Sum' else None
