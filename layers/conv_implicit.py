@@ -127,10 +127,14 @@ class Implicit:
 
     # ------------------------------------------------------------------ buffers
     def phase_buffer(self):
-        """A zeroed phase buffer (C, sx, sy, Wph, Hph) for :meth:`source`, or None."""
+        """A phase buffer (C, sx, sy, Wph, Hph) for :meth:`source` (zeroed where
+        :meth:`source` writes only the pixels), or None."""
         if self.direct:
             return None
-        return np.zeros((self.g.C, self.g.sx, self.g.sy, self.Wph, self.Hph), dtype=self.g.dtype)
+        shape = (self.g.C, self.g.sx, self.g.sy, self.Wph, self.Hph)
+        if (self.g.sx, self.g.sy) == (1, 1):   # rows_into writes every entry
+            return np.empty(shape, dtype=self.g.dtype)
+        return np.zeros(shape, dtype=self.g.dtype)
 
     def chunk(self, m):
         """The form for a chunk of ``m <= self.m`` images (the last of a part)."""
@@ -141,7 +145,7 @@ class Implicit:
 
     def source(self, buf, xT, n0):
         """Images ``n0 .. n0+m-1`` of ``xT`` (N, C, W, H) as the flat phase buffer (their
-        pixels written into ``buf``, whose other entries stay zero), or image n0 itself
+        pixels written into ``buf``, the padding zero), or image n0 itself
         when direct."""
         if buf is None:
             return xT[n0].reshape(-1)
@@ -154,7 +158,7 @@ class Implicit:
 
     def tall_dy(self, buf, dyT3, n0):
         """The derivatives of images ``n0..`` as the tall (Cout, Wo, Ho) map: image j's
-        rows in ``buf`` (whose rows between images stay zero), or image n0's own view."""
+        rows in ``buf`` (the rows between images zero), or image n0's own view."""
         g = self.g
         if self.m == 1:
             return dyT3[n0].reshape(g.Cout, g.Wo, g.Ho)
@@ -289,7 +293,7 @@ def backward_part(g, im, dxT, dyT3):
 
     def chunk_state(c):
         dyt = np.empty(kdw.panel_shape(c.ncols, Cout), dtype=g.dtype)
-        tall = np.zeros((Cout, g.Wo, c.Ho), dtype=g.dtype) if c.m > 1 else None
+        tall = np.empty((Cout, g.Wo, c.Ho), dtype=g.dtype) if c.m > 1 else None
         return [c.phase_buffer(), dyt, tall, dx_step(c).buffers(), None]
 
     def part(a, b, _):
@@ -328,7 +332,7 @@ class _flip_dx_step:
 
     def buffers(self):
         g, im = self.g, self.im
-        dypad = np.zeros((g.Cout, im.Wd, im.Hd), dtype=g.dtype)
+        dypad = np.empty((g.Cout, im.Wd, im.Hd), dtype=g.dtype)   # rows_into writes it all
         dxpad = np.empty((g.C, g.W * im.Hd), dtype=g.dtype)
         call = self.kern.prepare(self.wdp, dypad.reshape(-1), dxpad[:, :self.ncols],
                                  a_panels=True, b_offsets=self.table)

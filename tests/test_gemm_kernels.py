@@ -231,3 +231,21 @@ def test_avx2_variants_in_a_subprocess():
     env = dict(os.environ, PYDAGNN_GEMM_BITS='256')
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and 'ok' in out.stdout, out.stderr[-2000:]
+
+
+def test_rows_into_and_from():
+    """rows_into writes every entry of the tall map (data or zero: the buffer needs no
+    zeroing); rows_from takes the images back out, with a bias."""
+    rng = np.random.default_rng(6)
+    src = rng.standard_normal((5, 3, 4, 6)).astype(np.float32)   # (N, R, Wx, h)
+    dst = np.full((3, 7, 2 + 3 * 8), np.nan, np.float32)          # 3 images, step 8, top 1
+    K.rows_into(src, 1, 3, dst, 2, 1, 8)
+    want = np.zeros_like(dst)
+    for j in range(3):
+        want[:, 2:6, 1 + j * 8:1 + j * 8 + 6] = src[1 + j]
+    np.testing.assert_array_equal(dst, want)
+    out = np.full((5, 3, 4, 6), np.nan, np.float32)
+    bias = np.array([1, 2, 3], np.float32)
+    K.rows_from(dst[:, 2:6], out, 1, 3, 1, 8, bias)
+    np.testing.assert_array_equal(out[1:4], src[1:4] + bias[:, None, None])
+    assert np.isnan(out[0]).all() and np.isnan(out[4]).all()
