@@ -245,17 +245,27 @@ def row_blocks(kern, m):
 # --------------------------------------------------------------------------- forward
 def forward(g, im, y):
     """``y`` (Ho, Wo, Cout, N), Fortran, from a checked call ``g``; False when no kernel
-    is available (the caller then takes the im2col path)."""
-    kern = _gemm.kernel_for(g.Cout, im.ncols, g.dtype, mode='btab')
-    if kern is None:
+    is available (the caller then takes the im2col path).
+
+    A chunk of one image writes straight into ``y``: the kernel's column groups (one
+    per output column, see :meth:`gemm_cpu.Kernel.prepare`) skip the grid's dropped rows
+    without computing them. A stacked chunk computes its tall grid and copies the
+    images out (their output columns are too short for groups)."""
+    kern1 = _gemm.kernel_for(g.Cout, g.Ho, g.dtype, mode='btab')
+    if kern1 is None:
         return False
-    wp = row_blocks(kern, g.wmat())
+    kernm = _gemm.kernel_for(g.Cout, im.ncols, g.dtype, mode='btab') if im.m > 1 else kern1
+    packed = {k.mr: row_blocks(k, g.wmat()) for k in (kern1, kernm)}
     xT = g.x.T
+    yT3 = y.T.reshape(g.N, g.Cout, g.P)
     y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
     bias = np.zeros(0, dtype=g.dtype) if g.b is None else g.b
+    bcol = None if g.b is None else g.b[:, None]
 
     def chunk_state(c):
         buf = c.phase_buffer()
+        if c.m == 1:
+            return [buf, None, None, None]
         ypad = np.empty((g.Cout, g.Wo * c.Hph), dtype=g.dtype)
         return [buf, ypad, ypad.reshape(g.Cout, g.Wo, c.Hph), None]
 
@@ -266,9 +276,18 @@ def forward(g, im, y):
             st = states.get(c.m) or states.setdefault(c.m, chunk_state(c))
             buf, ypad, grid, call = st
             src = c.source(buf, xT, n0)
-            if call is None:   # checked once; per chunk only the source may move
-                call = st[3] = kern.prepare(wp, src, ypad[:, :c.ncols], a_panels=True,
-                                            b_offsets=c.boff)
+            if c.m == 1:
+                if call is None:   # checked once; per image only the arrays move
+                    call = st[3] = kern1.prepare(packed[kern1.mr], src, yT3[n0], a_panels=True,
+                                                 b_offsets=c.boff,
+                                                 groups=(g.Wo, g.Ho, c.Hph, g.Ho))
+                call(b=src, c=yT3[n0])
+                if bcol is not None:
+                    yT3[n0] += bcol
+                continue
+            if call is None:
+                call = st[3] = kernm.prepare(packed[kernm.mr], src, ypad[:, :c.ncols],
+                                             a_panels=True, b_offsets=c.boff)
             call(b=src)
             _k.rows_from(grid, y4, n0, c.m, 0, c.step, bias)
     parallel_for(part, g.N, uses_blas=False)
@@ -294,7 +313,7 @@ def backward_part(g, im, dxT, dyT3):
     def chunk_state(c):
         dyt = np.empty(kdw.panel_shape(c.ncols, Cout), dtype=g.dtype)
         tall = np.empty((Cout, g.Wo, c.Ho), dtype=g.dtype) if c.m > 1 else None
-        return [c.phase_buffer(), dyt, tall, dx_step(c).buffers(), None]
+        return [c.phase_buffer(), dyt, tall, list(dx_step(c).buffers()), None]
 
     def part(a, b, _):
         pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
@@ -318,14 +337,16 @@ def backward_part(g, im, dxT, dyT3):
 
 
 class _flip_dx_step:
-    """Stride 1: ``dx`` of a chunk of images (stacked) as one GEMM of the flipped
-    filters on the padded dy."""
+    """Stride 1: ``dx`` of a chunk of images as one GEMM of the flipped filters on the
+    padded dy: written straight into ``dx`` by column groups for one image, through the
+    tall grid for a stacked chunk (as the forward)."""
 
     def __init__(self, g, im, packed):
         """``packed``: {MR: flipped filters as row blocks}, shared by the chunk sizes."""
         self.g, self.im = g, im
         self.table, self.ncols = im.flipped_table()
-        self.kern = _gemm.kernel_for(g.Cin, self.ncols, g.dtype, mode='btab')
+        self.kern = _gemm.kernel_for(g.Cin, g.H if im.m == 1 else self.ncols, g.dtype,
+                                     mode='btab')
         if self.kern.mr not in packed:
             packed[self.kern.mr] = row_blocks(self.kern, im.flipped_filters())
         self.wdp = packed[self.kern.mr]
@@ -333,6 +354,8 @@ class _flip_dx_step:
     def buffers(self):
         g, im = self.g, self.im
         dypad = np.empty((g.Cout, im.Wd, im.Hd), dtype=g.dtype)   # rows_into writes it all
+        if im.m == 1:
+            return dypad, None, None
         dxpad = np.empty((g.C, g.W * im.Hd), dtype=g.dtype)
         call = self.kern.prepare(self.wdp, dypad.reshape(-1), dxpad[:, :self.ncols],
                                  a_panels=True, b_offsets=self.table)
@@ -343,6 +366,14 @@ class _flip_dx_step:
         g, im = self.g, self.im
         dypad, call, grid = bufs
         _k.rows_into(d3[None], 0, 1, dypad, im.dpl, im.dpt, 0)
+        if im.m == 1:
+            out = dxT[n0].reshape(g.C, g.W * g.H)
+            if call is None:   # per image only dx moves (made on the first image)
+                call = self.kern.prepare(self.wdp, dypad.reshape(-1), out, a_panels=True,
+                                         b_offsets=self.table, groups=(g.W, g.H, im.Hd, g.H))
+                bufs[1] = call
+            call(c=out)
+            return
         call()
         _k.rows_from(grid, dxT, n0, im.m, 0, im.step, _NO_BIAS[g.dtype.char])
 

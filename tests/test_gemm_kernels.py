@@ -249,3 +249,31 @@ def test_rows_into_and_from():
     K.rows_from(dst[:, 2:6], out, 1, 3, 1, 8, bias)
     np.testing.assert_array_equal(out[1:4], src[1:4] + bias[:, None, None])
     assert np.isnan(out[0]).all() and np.isnan(out[4]).all()
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+def test_column_groups(dt):
+    """groups=(G, N, gsb, gsc): G products of N columns, B's rows shifted by g * gsb, C's
+    columns by g * gsc; C's gap columns untouched; the bounds of both are checked."""
+    rng = np.random.default_rng(8)
+    M, Kr, G_, N, gsb, gsc = 13, 9, 5, 21, 25, 23
+    base = rng.standard_normal(400).astype(dt)
+    offs = rng.integers(0, 400 - N - (G_ - 1) * gsb, size=Kr).astype(np.int64)
+    A = rng.standard_normal((M, Kr)).astype(dt)
+    for k in _variants(dt, 'btab'):
+        ap = np.empty(k.a_panel_shape(M, Kr), dt)
+        K.pack_row_blocks(A, ap)
+        C = np.full((M, (G_ - 1) * gsc + N), 7, dt)
+        k.run(ap, base, C, a_panels=True, b_offsets=offs, groups=(G_, N, gsb, gsc))
+        for g_ in range(G_):
+            B = np.stack([base[o + g_ * gsb:o + g_ * gsb + N] for o in offs])
+            np.testing.assert_allclose(C[:, g_ * gsc:g_ * gsc + N], A.astype(np.float64) @ B,
+                                       atol=_tol(dt, Kr), err_msg=repr(k))
+            if g_ < G_ - 1:   # the gaps between groups keep their values
+                assert (C[:, g_ * gsc + N:(g_ + 1) * gsc] == 7).all()
+        need = int(offs.max()) + N + (G_ - 1) * gsb   # elements the last group reads
+        k.run(ap, base[:need], C, a_panels=True, b_offsets=offs, groups=(G_, N, gsb, gsc))
+        with pytest.raises(ValueError, match='outside'):   # one element short
+            k.run(ap, base[:need - 1], C, a_panels=True, b_offsets=offs, groups=(G_, N, gsb, gsc))
+        with pytest.raises(ValueError, match='groups'):
+            k.run(ap, base, C[:, :-1], a_panels=True, b_offsets=offs, groups=(G_, N, gsb, gsc))

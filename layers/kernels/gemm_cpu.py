@@ -88,10 +88,16 @@ class Kernel:
         return self.prepare(a, b, c, **kw)()
 
     def prepare(self, a, b, c, accumulate=False, a_panels=False, b_panels=False,
-                a_offsets=None, b_offsets=None):
+                a_offsets=None, b_offsets=None, groups=None):
         """The checked call ``c (=|+=) A @ B`` (a :class:`Prepared`: call it, again with
         other arrays of the same shapes and strides: a loop over images checks and
         builds the arguments once) for ``c`` (M, N), a view with unit column stride.
+
+        ``groups=(G, N, gsb, gsc)`` (with ``b_offsets`` only): G products of N columns
+        each, the g-th reading B's rows at ``b_offsets + g * gsb`` and writing columns
+        ``g * gsc .. g * gsc + N`` of ``c`` (then any (M, L) view with unit column stride
+        holding them): output columns that are not contiguous on the input grid (a
+        convolution's output columns) without computing or copying the gaps.
 
         A: ``a`` (M, K) array view (any strides); with ``a_panels`` a C-contiguous
         (blocks, K, MR) array of row blocks; with ``a_offsets`` (mode 'atab', int64, M
@@ -102,6 +108,13 @@ class Kernel:
         Every row read through a table is checked to lie inside its operand before the
         call. Runs without the GIL (ctypes releases it)."""
         M, N = c.shape
+        G, gsb, gsc = 1, 0, 0
+        if groups is not None:
+            G, N, gsb, gsc = (int(v) for v in groups)
+            if b_offsets is None or G < 1 or N < 0 or gsb < 0 or gsc < 0 \
+                    or (G - 1) * gsc + N > c.shape[1]:
+                raise ValueError(f'gemm kernel {self}: groups {groups} for C {c.shape} '
+                                 f'(B through offsets only)')
         it = self.dtype.itemsize
         for arr, what in ((a, 'a'), (b, 'b'), (c, 'c')):
             if arr.dtype != self.dtype:
@@ -114,7 +127,7 @@ class Kernel:
         # B
         if b_offsets is not None:
             K = len(b_offsets)
-            _check_table(b_offsets, N, b, self, 'B')
+            _check_table(b_offsets, N + (G - 1) * gsb, b, self, 'B')
             bjs, ldb, boff = self.nr, 0, b_offsets.ctypes.data
         elif b_panels:
             tiles, K, nr = b.shape
@@ -147,7 +160,7 @@ class Kernel:
         if N > 1 and c.strides[1] != it:
             raise ValueError(f'gemm kernel {self}: C strides {c.strides}')
         args = [a.ctypes.data, ais, ars, aks, aoff, b.ctypes.data, bjs, ldb, boff,
-                c.ctypes.data, c.strides[0] // it, M, N, K, int(bool(accumulate))]
+                c.ctypes.data, c.strides[0] // it, M, N, K, G, gsb, gsc, int(bool(accumulate))]
         return Prepared(self.fn, args, (a, b, c), accumulate, keep=(a_offsets, b_offsets))
 
 
@@ -278,7 +291,7 @@ def _build():
     engine.finalize_object()
     P_, I_ = ctypes.c_void_p, ctypes.c_int64
     proto = ctypes.CFUNCTYPE(None, P_, I_, I_, I_, P_, P_, I_, I_, P_, P_, I_, I_, I_, I_,
-                             ctypes.c_int32)
+                             I_, I_, I_, ctypes.c_int32)
     kernels = {}
     for dt, ty, vw, mr, nv, mode, name in variants:
         kernels[(dt, nv, mode)] = Kernel(proto(engine.get_function_address(name)), dt, mr, nv,
@@ -296,7 +309,9 @@ def _declarations(ty, vw):
 
 def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
     """LLVM IR of one variant (see the module docstring for the arguments' meaning):
-    ``void name(A, ais, ars, aks, B, bjs, ldb, C, ldc, M, N, K, accumulate)``.
+    ``void name(A, ais, ars, aks, aoff, B, bjs, ldb, boff, C, ldc, M, N, K, G, gsb, gsc,
+    accumulate)``: G groups of N columns, group g reading B at ``B + g * gsb`` and
+    writing C at ``C + g * gsc`` (a batch of GEMMs sharing A).
 
     Loops: column tiles (j0, step NR) outside, row blocks (i0, step MR) inside, then
     the reduction over k with the MR * NV accumulators in registers (loop phis): per k,
@@ -311,19 +326,30 @@ def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
     e = L.append
     e(f'define void @{name}(ptr noalias %A, i64 %ais, i64 %ars, i64 %aks, ptr %aoff, '
       f'ptr noalias %B, i64 %bjs, i64 %ldb, ptr %boff, ptr noalias %C, i64 %ldc, i64 %M, '
-      f'i64 %N, i64 %K, i32 %acc) {{')
+      f'i64 %N, i64 %K, i64 %G, i64 %gsb, i64 %gsc, i32 %acc) {{')
     e('entry:')
     e('  %Mm1 = sub i64 %M, 1')
     e('  %hasacc = icmp ne i32 %acc, 0')
     e('  %kpos = icmp sgt i64 %K, 0')
     e(f'  %Nv.i = insertelement <{vw} x i64> poison, i64 %N, i32 0')
     e(f'  %Nv = shufflevector <{vw} x i64> %Nv.i, <{vw} x i64> poison, <{vw} x i32> zeroinitializer')
+    e('  br label %gloop')
+    # G groups of N columns: group g reads B from B + g * gsb and writes C + g * gsc
+    e('gloop:')
+    e('  %g = phi i64 [0, %entry], [%gn, %glatch]')
+    e('  %gdone = icmp sge i64 %g, %G')
+    e('  br i1 %gdone, label %exit, label %gbody')
+    e('gbody:')
+    e('  %gbo = mul i64 %g, %gsb')
+    e(f'  %Bg = getelementptr {ty}, ptr %B, i64 %gbo')
+    e('  %gco = mul i64 %g, %gsc')
+    e(f'  %Cg = getelementptr {ty}, ptr %C, i64 %gco')
     e('  br label %jloop')
     e('jloop:')
-    e('  %j0 = phi i64 [0, %entry], [%j0n, %jlatch]')
-    e('  %jt = phi i64 [0, %entry], [%jtn, %jlatch]')
+    e('  %j0 = phi i64 [0, %gbody], [%j0n, %jlatch]')
+    e('  %jt = phi i64 [0, %gbody], [%jtn, %jlatch]')
     e('  %jdone = icmp sge i64 %j0, %N')
-    e('  br i1 %jdone, label %exit, label %jbody')
+    e('  br i1 %jdone, label %glatch, label %jbody')
     e('jbody:')
     for v in range(nv):   # column masks of this tile
         e(f'  %c{v} = add i64 %j0, {v * vw}')
@@ -332,7 +358,7 @@ def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
         e(f'  %cv{v} = add <{vw} x i64> %cv{v}.s, <{iota}>')
         e(f'  %mk{v} = icmp slt <{vw} x i64> %cv{v}, %Nv')
     e('  %bjo = mul i64 %jt, %bjs')
-    e(f'  %Bj = getelementptr {ty}, ptr %B, i64 %bjo')
+    e(f'  %Bj = getelementptr {ty}, ptr %Bg, i64 %bjo')
     e('  br label %iloop')
     e('iloop:')
     e('  %i0 = phi i64 [0, %jbody], [%i0n, %ilatch]')
@@ -392,7 +418,7 @@ def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
             e(f'  br i1 %rl{r}, label %{mode}do{r}, label %ilatch')
             e(f'{mode}do{r}:')
             e(f'  %{mode}co{r} = mul i64 %ri{r}, %ldc')
-            e(f'  %{mode}C{r} = getelementptr {ty}, ptr %C, i64 %{mode}co{r}')
+            e(f'  %{mode}C{r} = getelementptr {ty}, ptr %Cg, i64 %{mode}co{r}')
             e(f'  %{mode}Cj{r} = getelementptr {ty}, ptr %{mode}C{r}, i64 %j0')
             for v in range(nv):
                 p = f'%{mode}p{r}_{v}'
@@ -412,6 +438,9 @@ def generate_ir(ty, vw, mr, nv, name, a_table=False, b_table=False):
     e(f'  %j0n = add i64 %j0, {nr}')
     e('  %jtn = add i64 %jt, 1')
     e('  br label %jloop')
+    e('glatch:')
+    e('  %gn = add i64 %g, 1')
+    e('  br label %gloop')
     e('exit:')
     e('  ret void')
     e('}')
