@@ -99,7 +99,8 @@ class Implicit:
         self.step = g.H + self.z   # rows from one image to the next
         self.H = m * self.step - self.z
         self.Ho = g.Ho + (m - 1) * self.step   # stride 1 when m > 1
-        self._chunks = {m: self}
+        self._chunks = {}   # shorter chunks' forms (not self: no reference cycle, which
+        # would keep the geometry and its arrays alive until the garbage collector runs)
         self._lock = threading.Lock()
         self.Wp, self.Hp = g.W + g.pl + g.pr, self.H + g.pt + g.pb
         self.Wph, self.Hph = -(-self.Wp // sx), -(-self.Hp // sy)
@@ -138,6 +139,8 @@ class Implicit:
 
     def chunk(self, m):
         """The form for a chunk of ``m <= self.m`` images (the last of a part)."""
+        if m == self.m:
+            return self
         with self._lock:   # parts in several threads ask for it
             if m not in self._chunks:
                 self._chunks[m] = Implicit(self.g, m)

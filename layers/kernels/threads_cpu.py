@@ -36,6 +36,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from pydagnn.layers.kernels import memory_cpu as _memory
+
 # numba's OpenMP workers (used by other layers' parallel kernels) must sleep rather than
 # spin between parallel regions, or they fight the BLAS threads for the cores; libgomp
 # reads this when numba starts its pool. An explicit user setting wins.
@@ -192,3 +194,4 @@ def matmul(a, b, out):
 
 
 _blas_threads_outside_regions()
+_memory.keep_freed_memory()
