@@ -46,7 +46,7 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
 #: (the extra rows are computed and dropped) and, for the backward pass, the column
 #: matrix has at least IMPLICIT_MIN_K_BACKWARD rows (see Implicit.of)
 IMPLICIT_MAX_PAD_RATIO = 1.2
-IMPLICIT_MIN_K_BACKWARD = 64
+IMPLICIT_MIN_K_BACKWARD = 16   # ResNet18's 3-channel input layer (K = 27): 4.7 vs 5.8 ms
 #: strided convolutions: the implicit forward only from this output height on, and the
 #: implicit backward only when this is True (measured, ResNet18's stride-2 layers at batch
 #: 32 on 2 cores: forward 2.9-3.1 against 3.8 ms at 32x32 output, no faster at 16x16,
@@ -72,8 +72,8 @@ class Implicit:
         """The form for a checked call, or None where it does not apply or is slower
         than im2col + OpenBLAS. Measured (ResNet18's layers, batch 32, one and two
         cores): stride 1 at 64x64-8x8 (small maps stacked) 1.2-2.3x faster forward and
-        backward; the backward of a 3-channel input layer, whose GEMMs are too short,
-        and most strided convolutions are not (IMPLICIT_STRIDED_*)."""
+        backward, the 3-channel input layer too; most strided convolutions are not
+        (IMPLICIT_STRIDED_*), nor backward GEMMs of very few rows."""
         if (g.G != 1 or g.fc or g.pointwise or not _gemm.enabled()
                 or g.dtype not in (np.float32, np.float64)
                 or (backward and g.K < IMPLICIT_MIN_K_BACKWARD)):
