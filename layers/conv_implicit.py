@@ -49,10 +49,11 @@ IMPLICIT_MAX_PAD_RATIO = 1.2
 IMPLICIT_MIN_K_BACKWARD = 16   # ResNet18's 3-channel input layer (K = 27): 4.7 vs 5.8 ms
 #: strided convolutions: the implicit forward only from this output height on, and the
 #: implicit backward only when this is True (measured, ResNet18's stride-2 layers at batch
-#: 32 on 2 cores: forward 2.9-3.1 against 3.8 ms at 32x32 output, no faster at 16x16,
-#: slower at 8x8 and for 1x1 filters; backward 15-80% slower: its per-phase GEMMs are
-#: short). The phase code is exact either way (the tests run it with these relaxed).
-IMPLICIT_STRIDED_MIN_HO = 32
+#: 32 on 2 cores: forward 2.6-2.7 against 3.4-3.6 ms at 32x32 output, 2.5 against 2.6 at
+#: 16x16, 3.7 against 1.9 at 8x8, slower for 1x1 filters; backward 30-90% slower: its
+#: per-phase GEMMs are short). The phase code is exact either way (the tests run it with
+#: these relaxed).
+IMPLICIT_STRIDED_MIN_HO = 16
 IMPLICIT_STRIDED_BACKWARD = False
 #: without AVX-512 (16 vector registers: smaller tiles), only maps of at least this many
 #: output pixels run implicit. Measured only with the 256-bit kernels forced on the
