@@ -173,7 +173,7 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     assert calls['fwd'] == (ci.Implicit.of(g) is not None)
     assert calls['bwd'] == (ci.Implicit.of(g, backward=True) is not None)
     assert ci.Implicit.of(g) is not None or ws[0] * ws[1] == 1
-    if g.Ho < ci.IMPLICIT_STACK_ROWS and (stride, xs[3]) == (1, 9):
+    if g.Ho < ci.IMPLICIT_STACK_BELOW and (stride, xs[3]) == (1, 9):
         assert ci.Implicit.of(g).m > 1   # stacked, with a shorter last chunk in some parts
     rtol = 1e-5 if dt == np.float32 else 1e-12
     for got, want in zip((y1,) + tuple(r1), (y0,) + tuple(r0)):
