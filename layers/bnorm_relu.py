@@ -80,13 +80,7 @@ def bnorm_relu_backward(x, g, b, y, dy, moments=None, epsilon=1e-5, leak=0):
     sign is flipped where the input is negative). moments: None (the batch moments are
     recomputed) or ``C x 2``, given to BN's formula (the batch moments of forward give
     the same numbers as recomputing them)."""
-    x = check_bn_args(x, g, b, 'bnorm_relu_backward')
-    y = dy_like(x, y, 'bnorm_relu_backward')
-    dy = dy_like(x, dy, 'bnorm_relu_backward')
-    leak = float(leak)
-    if leak < 0:
-        raise ValueError(f'bnorm_relu_backward: the ReLU mask is read from the output y, '
-                         f'which needs leak >= 0, got leak {leak}')
+    x, y, dy, leak = masked_backward_args(x, g, b, y, dy, leak, 'bnorm_relu_backward')
     if fused_cpu(x):
         return _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak)
     return bnorm_backward(x, g, b, relu_backward(y, dy, leak), moments=moments, epsilon=epsilon)
@@ -173,21 +167,44 @@ def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
     return y, m
 
 
+def masked_backward_args(x, g, b, y, dy, leak, op):
+    """The checked ``(x, y, dy, leak)`` of a fused backward whose ReLU mask is read from
+    the fused output ``y`` (which needs ``leak >= 0``)."""
+    x = check_bn_args(x, g, b, op)
+    y = dy_like(x, y, op)
+    dy = dy_like(x, dy, op)
+    leak = float(leak)
+    if leak < 0:
+        raise ValueError(f'{op}: the ReLU mask is read from the forward output, which '
+                         f'needs leak >= 0, got leak {leak}')
+    return x, y, dy, leak
+
+
 def _bnorm_relu_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
+    dx, _, dg, db, m = masked_backward_cpu(x, g, b, y, dy, moments, epsilon, leak)
+    return dx, dg, db, m
+
+
+def masked_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
+    """BN's backward of the ReLU-masked ``d = relu_backward(y, dy, leak)`` (``y`` the
+    fused output, of BN+ReLU or BN+Sum+ReLU): the sums pass writes ``d`` while it sums
+    it, the dx pass reads it. Returns ``(dx, d, dg, db, moments)``, dx and d
+    Fortran-contiguous (``d`` is the shortcut's derivative in BN+Sum+ReLU)."""
     C, dt = x.shape[2], x.dtype
     x3, y3, dy3 = plane_view(x, dt), plane_view(y, dt), plane_view(dy, dt)
     mu, sigma, m = moments_used(x, moments, epsilon)
     spos, sneg = relu_slopes(leak, dt)
+    d = np.empty(x.shape, dtype=dt, order='F')
+    d3 = d.T.reshape(x3.shape)
     db64, dot64 = np.empty(C), np.empty(C)
-    on_channels(C, lambda c0, c1: _kc.backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg,
-                                                         db64, dot64))
+    on_channels(C, lambda c0, c1: _kc.backward_sums_masked(x3, y3, dy3, d3, c0, c1, mu,
+                                                           spos, sneg, db64, dot64))
     db, dg, G1, G2, muz = bn_backward_coefficients(db64, dot64, g, sigma,
                                                    dy3.shape[0] * dy3.shape[2], dt)
     dx = np.empty(x.shape, dtype=dt, order='F')
     dx3 = dx.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: _kc.backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, G1, G2,
-                                                       spos, sneg))
-    return dx, dg.reshape(g.shape), db.reshape(b.shape), m
+    on_channels(C, lambda c0, c1: _kc.backward_dx(x3, d3, dx3, c0, c1, mu, muz, G1, G2))
+    return dx, d, dg.reshape(g.shape), db.reshape(b.shape), m
 
 
 # ---------------------------------------------------------------------------- block

@@ -29,11 +29,11 @@ after the other, which is always what the three layers compute.
 """
 import numpy as np
 
-from pydagnn.layers._common import dy_like
 from pydagnn.layers.bnorm import bnorm_backward, bnorm_backward_fixed_moments, bnorm_forward
-from pydagnn.layers.bnorm_relu import (BatchNormReLU, bn_backward_coefficients, channel_vector,
-                                       check_bn_args, fused_cpu, moments_derivative, moments_used,
-                                       on_channels, plane_view, relu_slopes)
+from pydagnn.layers.bnorm_relu import (BatchNormReLU, channel_vector, check_bn_args, fused_cpu,
+                                       masked_backward_args, masked_backward_cpu,
+                                       moments_derivative, moments_used, on_channels,
+                                       plane_view, relu_slopes)
 from pydagnn.layers.kernels import bnorm_cpu as _kc
 from pydagnn.layers.relu import relu_backward, relu_forward
 from pydagnn.layers.sum import sum_forward
@@ -72,15 +72,9 @@ def bnorm_sum_relu_backward(x, g, b, z, dz, moments=None, epsilon=1e-5, leak=0):
     z: the forward output (its sign gives the ReLU mask, which needs leak >= 0).
     moments: None (the batch moments are recomputed) or ``C x 2``, given to BN's formula
     (the batch moments of forward give the same numbers as recomputing them)."""
-    x = check_bn_args(x, g, b, 'bnorm_sum_relu_backward')
-    z = dy_like(x, z, 'bnorm_sum_relu_backward')
-    dz = dy_like(x, dz, 'bnorm_sum_relu_backward')
-    leak = float(leak)
-    if leak < 0:
-        raise ValueError(f'bnorm_sum_relu_backward: the ReLU mask is read from the output z, '
-                         f'which needs leak >= 0, got leak {leak}')
+    x, z, dz, leak = masked_backward_args(x, g, b, z, dz, leak, 'bnorm_sum_relu_backward')
     if fused_cpu(x):
-        return _backward_cpu(x, g, b, z, dz, moments, epsilon, leak)
+        return masked_backward_cpu(x, g, b, z, dz, moments, epsilon, leak)
     ds = relu_backward(z, dz, leak)
     dx, dg, db, m = bnorm_backward(x, g, b, ds, moments=moments, epsilon=epsilon)
     return dx, ds, dg, db, m
@@ -109,25 +103,6 @@ def _forward_cpu(x, s, g, b, moments, epsilon, leak):
     on_channels(C, lambda c0, c1: _kc.normalize_sum_relu(x3, s3, z3, c0, c1, mu, scale, shift,
                                                          leak != 0, spos, sneg))
     return z, m
-
-
-def _backward_cpu(x, g, b, z, dz, moments, epsilon, leak):
-    C, dt = x.shape[2], x.dtype
-    x3, z3, dz3 = plane_view(x, dt), plane_view(z, dt), plane_view(dz, dt)
-    mu, sigma, m = moments_used(x, moments, epsilon)
-    spos, sneg = relu_slopes(leak, dt)
-    # ds is written by the sums pass (it reads dz and z anyway); the dx pass reads it
-    ds = np.empty(x.shape, dtype=dt, order='F')
-    ds3 = ds.T.reshape(x3.shape)
-    db64, dot64 = np.empty(C), np.empty(C)
-    on_channels(C, lambda c0, c1: _kc.backward_sums_sum_relu(x3, z3, dz3, ds3, c0, c1, mu,
-                                                             spos, sneg, db64, dot64))
-    db, dg, G1, G2, muz = bn_backward_coefficients(db64, dot64, g, sigma,
-                                                   dz3.shape[0] * dz3.shape[2], dt)
-    dx = np.empty(x.shape, dtype=dt, order='F')
-    dx3 = dx.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: _kc.backward_dx(x3, ds3, dx3, c0, c1, mu, muz, G1, G2))
-    return dx, ds, dg.reshape(g.shape), db.reshape(b.shape), m
 
 
 # ---------------------------------------------------------------------------- block

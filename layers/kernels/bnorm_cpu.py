@@ -1,6 +1,7 @@
 """numba kernels (CPU) for batch normalization with batch statistics, for a batch
-normalization fused with the ReLU after it (the ``*_relu`` kernels), and for the residual
-tail BN -> Sum -> ReLU (the ``*_sum_relu`` kernels at the end).
+normalization fused with the ReLU after it (:func:`normalize_relu`), and for the residual
+tail BN -> Sum -> ReLU (:func:`normalize_sum_relu`); both fused backward passes are
+:func:`backward_sums_masked` then :func:`backward_dx`.
 
 Layout: ``x3`` is the C-contiguous ``(N, C, HW)`` view of an ``H x W x C x N``
 Fortran-order map (``x.T.reshape(N, C, W*H)``): per image and channel one contiguous
@@ -130,11 +131,11 @@ def backward_dx(x3, dy3, dx3, c0, c1, mu, muz, g1, g2):
 
 # ---------------------------------------------------------------------------- BN + ReLU
 # The fused batch norm -> ReLU (:mod:`pydagnn.layers.bnorm_relu`). The ReLU is applied
-# in the normalisation pass, and backward masks ``dy`` by the fused output ``y`` (the
-# ReLU's sign pattern, leak >= 0) inside the sums and the dx pass, so that neither the
-# BN output nor the masked ``dy`` is written out. The slopes ``spos``, ``sneg`` (leak 0:
-# 1 and 0) are scalars of the map's dtype, so that ``dy * slope`` is the ReLU's float
-# product exactly.
+# in the normalisation pass, so the BN output is not written out; backward masks ``dy``
+# by the fused output ``y`` (the ReLU's sign pattern, leak >= 0) in the sums pass, which
+# writes the masked ``dy`` for the dx pass (:func:`backward_sums_masked`). The slopes
+# ``spos``, ``sneg`` (leak 0: 1 and 0) are scalars of the map's dtype, so that
+# ``dy * slope`` is the ReLU's float product exactly.
 @njit(nogil=True, cache=True)
 def normalize_relu(x3, y3, c0, c1, mu, scale, shift, leaky, spos, sneg):
     """``y = relu((x - mu[c]) * scale[c] + shift[c])`` on channels ``[c0, c1)``: with
@@ -161,59 +162,12 @@ def normalize_relu(x3, y3, c0, c1, mu, scale, shift, leaky, spos, sneg):
                     yf[o + i] = zero if v <= zero else v
 
 
-@njit(nogil=True, cache=True, fastmath=_FM)
-def backward_sums_relu(x3, y3, dy3, c0, c1, mu, spos, sneg, db, dot):
-    """:func:`backward_sums` of the masked ``d = dy * (spos if y > 0 else sneg)``
-    (``y`` the fused output): ``db = sum(d)``, ``dot = sum(d * (x - mu))``."""
-    N, C, HW = x3.shape
-    xf = x3.ravel()
-    yf = y3.ravel()
-    df = dy3.ravel()
-    uHW = _U(HW)
-    zero = yf.dtype.type(0)
-    for c in range(c0, c1):
-        m = mu[c]
-        s = 0.0
-        t = 0.0
-        for n in range(N):
-            o = _U((n * C + c) * HW)
-            for i in range(uHW):
-                d = df[o + i] * (spos if yf[o + i] > zero else sneg)
-                s += d
-                t += d * (xf[o + i] - m)
-        db[c] = s
-        dot[c] = t
-
-
-@njit(nogil=True, cache=True)
-def backward_dx_relu(x3, y3, dy3, dx3, c0, c1, mu, muz, g1, g2, spos, sneg):
-    """:func:`backward_dx` of the masked ``d = dy * (spos if y > 0 else sneg)``:
-    ``dx = g1[c] (d - muz[c]) - g2[c] (x - mu[c])`` on channels ``[c0, c1)``."""
-    N, C, HW = x3.shape
-    xf = x3.ravel()
-    yf = y3.ravel()
-    df = dy3.ravel()
-    of = dx3.ravel()
-    uHW = _U(HW)
-    zero = yf.dtype.type(0)
-    for c in range(c0, c1):
-        m = mu[c]
-        mz = muz[c]
-        a = g1[c]
-        b = g2[c]
-        for n in range(N):
-            o = _U((n * C + c) * HW)
-            for i in range(uHW):
-                d = df[o + i] * (spos if yf[o + i] > zero else sneg)
-                of[o + i] = a * (d - mz) - b * (xf[o + i] - m)
-
-
 # ---------------------------------------------------------------------------- BN + Sum + ReLU
 # The fused residual tail ``z = relu(bn(x) + s)`` (:mod:`pydagnn.layers.bnorm_sum_relu`).
-# Forward adds the shortcut ``s`` in the normalisation pass; backward writes the masked
-# ``ds = dz * slope(z)`` (the shortcut's derivative, which the net needs anyway) while it
-# sums it, and the dx pass is :func:`backward_dx` reading ``ds``. Same float64 sums,
-# same dtype arithmetic and operation order as BN, then Sum, then ReLU.
+# Forward adds the shortcut ``s`` in the normalisation pass; backward is the BN+ReLU one
+# (:func:`backward_sums_masked`), whose masked ``ds = dz * slope(z)`` is also the
+# shortcut's derivative. Same float64 sums, same dtype arithmetic and operation order as
+# BN, then Sum, then ReLU.
 @njit(nogil=True, cache=True)
 def normalize_sum_relu(x3, s3, z3, c0, c1, mu, scale, shift, leaky, spos, sneg):
     """``z = relu((x - mu[c]) * scale[c] + shift[c] + s)`` on channels ``[c0, c1)``: the
@@ -242,10 +196,11 @@ def normalize_sum_relu(x3, s3, z3, c0, c1, mu, scale, shift, leaky, spos, sneg):
 
 
 @njit(nogil=True, cache=True, fastmath=_FM)
-def backward_sums_sum_relu(x3, z3, dz3, ds3, c0, c1, mu, spos, sneg, db, dot):
-    """Per channel in ``[c0, c1)``: ``ds = dz * (spos if z > 0 else sneg)`` written out
-    (``z`` the fused output), and :func:`backward_sums` of it: ``db = sum(ds)``,
-    ``dot = sum(ds * (x - mu))``."""
+def backward_sums_masked(x3, z3, dz3, ds3, c0, c1, mu, spos, sneg, db, dot):
+    """Per channel in ``[c0, c1)``: the ReLU-masked ``ds = dz * (spos if z > 0 else
+    sneg)`` written out (``z`` the fused output: of BN+ReLU or BN+Sum+ReLU), and
+    :func:`backward_sums` of it: ``db = sum(ds)``, ``dot = sum(ds * (x - mu))``. The dx
+    pass is then :func:`backward_dx` reading ``ds``."""
     N, C, HW = x3.shape
     xf = x3.ravel()
     zf = z3.ravel()
