@@ -27,6 +27,7 @@ from pydagnn.layers.sum import Sum, sum_forward
 from pydagnn.models import build
 from pydagnn.models.fuse import fuse_bn_relu, set_fused_bn_relu
 from pydagnn.testing import rel_err
+from test_bn_relu_fusion import _assert_close, _step, resnet  # noqa: F401  (resnet: a fixture)
 
 PAIR, TAIL = 'pydagnn.BatchNormReLU', 'pydagnn.BatchNormSumReLU'
 TOL = {np.float32: 1e-6, np.float64: 1e-14}
@@ -54,13 +55,6 @@ def _unfused(x, s, g, b, dz, moments, leak):
     return z, dx, ds, dg, db, m
 
 
-def _assert_close(got, want, tol, what=''):
-    for k, (a, e) in enumerate(zip(got, want)):
-        assert a.dtype == e.dtype and a.shape == e.shape, f'{what} output {k}'
-        assert rel_err(a, e) <= tol, f'{what} output {k}: rel err {rel_err(a, e):.3g}'
-
-
-# ---------------------------------------------------------------------------- the op
 @pytest.mark.parametrize('dtype', [np.float32, np.float64])
 @pytest.mark.parametrize('given', [False, True])
 @pytest.mark.parametrize('leak', [0, 0.1])
@@ -206,21 +200,6 @@ def test_block_equals_the_three_blocks(mode, leak, opts_leak, synced):
 
 
 # ---------------------------------------------------------------------------- nets
-@pytest.fixture(scope='module')
-def resnet():
-    net = build('ResNet18-GAP', num_classes=10)
-    rng = np.random.default_rng(0)
-    for layer in net.layers:          # test mode needs sensible stored moments
-        if layer.type == 'dagnn.BatchNorm':
-            p = net.get_param(layer.params[2])
-            C = p.value.shape[0]
-            m = np.stack([rng.standard_normal(C) * 0.1, rng.uniform(0.5, 2, C)], axis=1)
-            p.value = np.asfortranarray(m.astype(np.float32))
-    x = np.asfortranarray(rng.standard_normal((64, 64, 3, 4)).astype(np.float32) * 60)
-    label = rng.integers(1, 11, size=4).astype(np.float32)
-    return net, x, label
-
-
 def _patterns(net):
     """(BN -> ReLU pairs, BN -> Sum -> ReLU tails) counted on the net's wiring, directly:
     a BN whose output has one reader, a ReLU; a two-input Sum whose output has one
@@ -243,18 +222,6 @@ def _patterns(net):
     tails = sum(l.type == 'dagnn.Sum' and len(l.inputs) == 2 and only(l.outputs[0], 'dagnn.ReLU')
                 and any(bn_for_sum(v) for v in l.inputs) for l in net.layers)
     return pairs, tails
-
-
-def _step(net, x, label, mode, fused):
-    """objective, input derivative and param derivatives of one eval; the plan's types."""
-    set_fused_bn_relu(net, fused)
-    net.mode = mode
-    net.get_var('objective').precious = True
-    net.eval({'input': x, 'label': label}, {'objective': 1})
-    out = {'objective': net.get_var('objective').value.copy(),
-           'der_input': net.get_var('input').der.copy()}
-    out.update({'der_' + p.name: p.der.copy() for p in net.params if p.der is not None})
-    return out, [e.type for e in net.executor.plan]
 
 
 @pytest.mark.parametrize('mode', ['normal', 'test'])
