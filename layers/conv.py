@@ -260,17 +260,16 @@ def _conv_backward_cpu(g, dy):
         if db is not None:
             np.sum(dy2, axis=0, out=db)
     else:
-        im = _implicit.Implicit.of(g, backward=True)
-        implicit = im and _implicit.backward_part(g, im, dxT, dyT3)
+        im = _implicit.Implicit.of(g, backward=True)   # None for the pointwise ones
+        part = im and _implicit.backward_part(g, im, dxT, dyT3)
+        blas = not part   # the implicit part calls no BLAS
         if g.pointwise:
             part = _pointwise_backward_part(g, xT.reshape(N, g.C, P), dxT.reshape(N, g.C, P),
                                             dyT3, wm)
-        elif implicit:
-            part = implicit
-        else:
+        elif not part:
             part = _im2col_backward_part(g, xT, dxT, dyT3, wm)
         # each part returns its own sums over its images: (dW, db)
-        for pdw, pdb in parallel_for(part, N, uses_blas=part.uses_blas):
+        for pdw, pdb in parallel_for(part, N, uses_blas=blas):
             dwm += pdw
             if db is not None:
                 db += pdb
@@ -279,11 +278,6 @@ def _conv_backward_cpu(g, dy):
 
 def _cast(a, dtype):
     return None if a is None else a.astype(dtype, copy=False)
-
-
-def _blas_part(part):
-    part.uses_blas = True
-    return part
 
 
 def _pointwise_backward_part(g, x3, dx3, dyT3, wm):
@@ -310,7 +304,7 @@ def _pointwise_backward_part(g, x3, dx3, dyT3, wm):
             dcm.reshape(g.Cout, m, P)[...] = dyT3[n0:n0 + m].transpose(1, 0, 2)
             pdwT += xcm @ dcm.T
         return pdwT.T, pdb
-    return _blas_part(part)
+    return part
 
 
 def _im2col_backward_part(g, xT, dxT, dyT3, wm):
@@ -349,7 +343,7 @@ def _im2col_backward_part(g, xT, dxT, dyT3, wm):
                 np.matmul(wm[rs].T, d[rs], out=c[ks])
             _k.col2im(c, dxT, n0, *g.kargs())
         return pdwT.T, pdb
-    return _blas_part(part)
+    return part
 
 
 # --------------------------------------------------------------------------- GPU

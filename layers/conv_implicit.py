@@ -272,7 +272,7 @@ def forward(g, im, y):
     xT = g.x.T
     yT3 = y.T.reshape(g.N, g.Cout, g.P)
     y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
-    bias = np.zeros(0, dtype=g.dtype) if g.b is None else g.b
+    bias = _NO_BIAS[g.dtype.char] if g.b is None else g.b
     bcol = None if g.b is None else g.b[:, None]
 
     def chunk_state(c):
@@ -345,7 +345,6 @@ def backward_part(g, im, dxT, dyT3):
             call(a=src)
             dx_step(c)(d3, dxT, n0, dx_buffers)
         return pdwT.T, pdb
-    part.uses_blas = False
     return part
 
 
