@@ -154,6 +154,13 @@ def moments_derivative(x, mom, m):
 
 
 def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
+    return fused_forward_cpu(x, g, b, moments, epsilon, leak, _kc.normalize_relu)
+
+
+def fused_forward_cpu(x, g, b, moments, epsilon, leak, kernel):
+    """The normalisation pass of a fused BN (+ ...) + ReLU: moments, per-channel scale
+    and shift, ReLU slopes, then ``kernel(x3, y3, c0, c1, mu, scale, shift, leaky, spos,
+    sneg)`` on the channels split over the workers. Returns ``(y, moments)``."""
     C, dt = x.shape[2], x.dtype
     x3 = plane_view(x, dt)
     mu, sigma, m = moments_used(x, moments, epsilon)
@@ -162,8 +169,8 @@ def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
     spos, sneg = relu_slopes(leak, dt)
     y = np.empty(x.shape, dtype=dt, order='F')
     y3 = y.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: _kc.normalize_relu(x3, y3, c0, c1, mu, scale, shift,
-                                                     leak != 0, spos, sneg))
+    on_channels(C, lambda c0, c1: kernel(x3, y3, c0, c1, mu, scale, shift, leak != 0,
+                                         spos, sneg))
     return y, m
 
 

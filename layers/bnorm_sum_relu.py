@@ -27,13 +27,11 @@ after the other, which is always what the three layers compute.
 :func:`pydagnn.models.fuse.fuse_bn_relu` makes it from a net's own ``dagnn.BatchNorm``,
 ``dagnn.Sum`` and ``dagnn.ReLU`` blocks as a :class:`pydagnn.plan.FusedGroup`.
 """
-import numpy as np
 
 from pydagnn.layers.bnorm import bnorm_backward, bnorm_backward_fixed_moments, bnorm_forward
-from pydagnn.layers.bnorm_relu import (BatchNormReLU, channel_vector, check_bn_args, fused_cpu,
-                                       masked_backward_args, masked_backward_cpu,
-                                       moments_derivative, moments_used, on_channels,
-                                       plane_view, relu_slopes)
+from pydagnn.layers.bnorm_relu import (BatchNormReLU, check_bn_args, fused_cpu,
+                                       fused_forward_cpu, masked_backward_args,
+                                       masked_backward_cpu, moments_derivative, plane_view)
 from pydagnn.layers.kernels import bnorm_cpu as _kc
 from pydagnn.layers.relu import relu_backward, relu_forward
 from pydagnn.layers.sum import sum_forward
@@ -92,17 +90,9 @@ def bnorm_sum_relu_backward_fixed_moments(x, g, b, z, dz, moments, leak=0):
 # ---------------------------------------------------------------------------- CPU
 # The (N, C, H*W) views and the per-channel split of bnorm_relu.py.
 def _forward_cpu(x, s, g, b, moments, epsilon, leak):
-    C, dt = x.shape[2], x.dtype
-    x3, s3 = plane_view(x, dt), plane_view(s, dt)
-    mu, sigma, m = moments_used(x, moments, epsilon)
-    scale = np.ascontiguousarray(channel_vector(g, C, dt) / sigma)
-    shift = channel_vector(b, C, dt)
-    spos, sneg = relu_slopes(leak, dt)
-    z = np.empty(x.shape, dtype=dt, order='F')
-    z3 = z.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: _kc.normalize_sum_relu(x3, s3, z3, c0, c1, mu, scale, shift,
-                                                         leak != 0, spos, sneg))
-    return z, m
+    s3 = plane_view(s, x.dtype)
+    return fused_forward_cpu(x, g, b, moments, epsilon, leak,
+                             lambda x3, z3, *rest: _kc.normalize_sum_relu(x3, s3, z3, *rest))
 
 
 # ---------------------------------------------------------------------------- block
