@@ -14,7 +14,12 @@ of load on a shared machine hits both. pydagnn is timed twice per step kind:
 
 * ``fwd_bwd``: ``net.eval({'input', 'label'}, {'objective': 1})`` in 'normal' mode;
 * ``train``: the same plus the SGD step (``pydagnn.train.accumulate_gradients``,
-  momentum 0.9, weight decay 1e-4): what the reference's ``train`` mode times.
+  momentum 0.9, weight decay 1e-4, the model's first-epoch learning rate): what the
+  reference's ``train`` mode times.
+
+Every timing starts from the params as built, with no momentum, as the reference starts
+each round from a fresh model (a net trained on over the rounds diverges on one random
+batch, and its NaN steps run faster than real ones).
 
 The reference reports the median over its iterations; pydagnn's figure is the median
 over its iterations too. Prints JSON lines:
@@ -155,13 +160,27 @@ class PydagnnModel:
         self.state = {}
         self.fwd, self.bwd = {}, {}
         self.steps = 0
+        # The reference starts each round from a fresh model and trains warmup + iters
+        # steps at its first-epoch rate; so does this: every timing restores the initial
+        # params and momentum (without that, a few rounds of SGD on one random batch
+        # diverge, and the NaN steps run faster than real ones).
+        self.learning_rate = float(np.ravel(self.net.meta['trainOpts']['learningRate'])[0])
+        self.initial = [None if p.value is None else p.value.copy() for p in self.net.params]
+
+    def reset(self):
+        """The params as built, no momentum."""
+        for p, v in zip(self.net.params, self.initial):
+            if v is not None:
+                p.value[...] = v
+        self.state = {}
 
     def step(self, update):
         from pydagnn.train import accumulate_gradients
         self.net.mode = 'normal'
         self.net.eval(self.feed, {'objective': 1})
         if update:
-            accumulate_gradients(self.net, self.state, learning_rate=0.1, batch_size=self.batch)
+            accumulate_gradients(self.net, self.state, learning_rate=self.learning_rate,
+                                 batch_size=self.batch)
 
     def _record_clocks(self):
         for e in _entries(self.net):
@@ -172,6 +191,7 @@ class PydagnnModel:
     def time(self, update, warmup, iters):
         """Median seconds of ``iters`` steps after ``warmup`` (per-layer clocks recorded
         for the fwd_bwd kind)."""
+        self.reset()
         for _ in range(warmup):
             self.step(update)
         ts = []

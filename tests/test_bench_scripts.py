@@ -122,3 +122,21 @@ def test_bench_conv_runs_and_reports(tmp_path):
     assert not peak or peak[0]['gflops_1_thread'] > 0
     bad = subprocess.run(cmd[:2] + ['--layers', 's9'], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and 'error:' in bad.stderr and 's9' in bad.stderr
+
+
+def test_every_timing_starts_from_the_built_params(bench):
+    """Rounds must not train on: each timing restores the params and drops the momentum
+    (the reference starts each round from a fresh model), at the reference's rate."""
+    import numpy as np
+    p = bench.PydagnnModel('ResNet18-GAP', 2, 0)
+    assert p.learning_rate == pytest.approx(0.075)
+    before = [None if q.value is None else q.value.copy() for q in p.net.params]
+    p.time(True, 0, 2)
+    assert p.state['momentum']
+    moved = [not np.array_equal(q.value, v) for q, v in zip(p.net.params, before) if v is not None]
+    assert any(moved)
+    p.reset()
+    assert p.state == {}
+    for q, v in zip(p.net.params, before):
+        if v is not None:
+            np.testing.assert_array_equal(q.value, v)
