@@ -313,3 +313,21 @@ def test_keep_freed_memory_switch(monkeypatch):
     except AttributeError:
         pytest.skip('no mallopt (not glibc)')
     assert memory_cpu.keep_freed_memory() is True
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('layout', ['CC', 'CF', 'FC', 'FF'])
+@pytest.mark.parametrize('out_order', ['C', 'F'])
+@pytest.mark.parametrize('M,Kr,N', [(32, 700, 1000), (1000, 32, 700), (1000, 900, 5), (7, 1200, 900)])
+def test_threaded_matmul_on_the_kernels(dt, layout, out_order, M, Kr, N):
+    """threads_cpu.matmul (the prediction layers' GEMMs) on every operand order: the
+    kernels, direct or transposed, split over the workers, against a float64 product."""
+    from pydagnn.layers.kernels import threads_cpu as T
+    rng = np.random.default_rng(M + Kr + N)
+    A = np.asarray(rng.standard_normal((M, Kr)), dtype=dt, order=layout[0])
+    B = np.asarray(rng.standard_normal((Kr, N)), dtype=dt, order=layout[1])
+    out = np.full((M, N), np.nan, dtype=dt, order=out_order)
+    assert M * N * Kr >= T.MATMUL_SPLIT_MIN
+    assert T._kernel_matmul(A, B, out.copy(order='K'))     # the kernels take it
+    T.matmul(A, B, out)
+    np.testing.assert_allclose(out, A.astype(np.float64) @ B, rtol=0, atol=_tol(dt, Kr) * 4)

@@ -255,3 +255,43 @@ def test_mpn_cov_rank_deficient_drops_null_space(rng):
     s = np.diag(S[:, :, 0, 0])
     assert np.count_nonzero(s) == 3 and np.all(V[:, 3:, 0, 0] == 0)
     assert np.all(np.isfinite(y))
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('d,n,K,c', [(128, 3, 3, 1), (5, 3, 1, 1), (6, 4, 2, 2), (7, 5, 5, 1), (16, 20, 3, 1)])
+def test_sqrtm_cpu_path_equals_the_array_path(monkeypatch, dt, d, n, K, c):
+    """The CPU Newton-Schulz (work buffers, fused elementwise kernels) computes what the
+    device-agnostic xp code (the GPU's) computes, to float rounding."""
+    from pydagnn.layers import cov as cv
+    rng = np.random.default_rng(d * 100 + n + K)
+    X = np.asfortranarray(np.maximum(rng.standard_normal((6, 5, d, n)), 0).astype(dt))
+    A, _ = cv.trace_norm_forward(cv.cov_pool_forward(X))
+    new = cv.sqrtm_forward(A, c, K)
+    dy = np.asfortranarray(rng.standard_normal(new[0].shape).astype(dt))
+    dnew = cv.sqrtm_backward(A, new[1], new[2], dy, c, K)
+    monkeypatch.setattr(cv, 'is_gpu_array', lambda a: True)   # the xp path, on numpy
+    old = cv.sqrtm_forward(A, c, K)
+    dold = cv.sqrtm_backward(A, old[1], old[2], dy, c, K)
+    tol = 1e-6 if dt == np.float32 else 1e-14
+    for a, b in zip(new + (dnew,), old + (dold,)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.flags.f_contiguous
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * max(1.0, float(np.abs(b).max())))
+
+
+def test_sqrtm_chunks_assemble_in_image_order():
+    """Many images run in chunks on the workers (joined where they fit one chunk):
+    the result is each image's own."""
+    from pydagnn.layers import cov as cv
+    rng = np.random.default_rng(3)
+    N = 3 * cv.CPU_CHUNK + 5
+    X = np.asfortranarray(np.maximum(rng.standard_normal((4, 4, 6, N)), 0).astype(np.float32))
+    A, _ = cv.trace_norm_forward(cv.cov_pool_forward(X))
+    y, Y, Z = cv.sqrtm_forward(A, 1, 3)
+    dy = np.asfortranarray(rng.standard_normal(y.shape).astype(np.float32))
+    dA = cv.sqrtm_backward(A, Y, Z, dy, 1, 3)
+    for i in (0, cv.CPU_CHUNK, N - 1):
+        yi, Yi, Zi = cv.sqrtm_forward(A[..., i:i + 1], 1, 3)
+        np.testing.assert_array_equal(y[..., i], yi[..., 0])
+        np.testing.assert_array_equal(Y[..., i], Yi[..., 0])
+        np.testing.assert_array_equal(dA[..., i], cv.sqrtm_backward(A[..., i:i + 1], Yi, Zi,
+                                                                    dy[..., i:i + 1], 1, 3)[..., 0])
