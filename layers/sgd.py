@@ -9,11 +9,21 @@
     value' = value + lr * delta,  delta = mom'  (Nesterov: momentum * mom' - g)
 
 The scalars are applied in value's dtype; the results have value's shape, dtype and
-device. On the GPU one fused elementwise kernel does the whole step
-(:mod:`pydagnn.layers.kernels.eltwise_gpu`).
+device. One fused elementwise kernel does the whole step, on the GPU
+(:mod:`pydagnn.layers.kernels.eltwise_gpu`) and on the CPU
+(:mod:`pydagnn.layers.kernels.eltwise_cpu`, over the worker threads; the numpy form's
+six temporaries of a 8256 x 1000 prediction filter bank took 17.7 ms a step, the kernel
+3.6 ms, with the same result to the bit).
 """
+import numpy as np
+
 from pydagnn.backend import is_gpu_array
+from pydagnn.layers.kernels import eltwise_cpu as _kc
 from pydagnn.layers.kernels import eltwise_gpu as _ke
+from pydagnn.layers.kernels.threads_cpu import parallel_for
+
+#: params of fewer elements run the CPU kernel in the calling thread
+SGD_SPLIT_MIN = 1 << 16
 
 __all__ = ['sgd_momentum_update']
 
@@ -34,6 +44,33 @@ def sgd_momentum_update(der, value, mom, inv_bs, decay, momentum, lr, nesterov=F
 
 
 def _sgd_momentum_update_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov):
+    dt = value.dtype
+    if dt.kind == 'f' and der.dtype == dt and (mom is None or mom.dtype == dt):
+        return _sgd_fused_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov)
+    return _sgd_numpy_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov)
+
+
+def _sgd_fused_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov):
+    """The fused kernel on flat views in value's memory order (others are copied)."""
+    order = 'F' if value.flags.f_contiguous and not value.flags.c_contiguous else 'C'
+    flat = lambda a: np.ravel(a, order=order)  # noqa: E731
+    mo = np.empty(value.shape, dtype=value.dtype, order=order)
+    vo = np.empty(value.shape, dtype=value.dtype, order=order)
+    df, vf, mof, vof = flat(der), flat(value), flat(mo), flat(vo)
+    mf = vf if mom is None else flat(mom)          # not read without a momentum
+    k = np.array([inv_bs, decay, momentum, lr], dtype=value.dtype)
+    has_mom, nest = mom is not None, bool(nesterov)
+    n = vf.size
+    if n < SGD_SPLIT_MIN:
+        _kc.sgd_momentum(df, vf, mf, mof, vof, k, has_mom, nest, 0, n)
+    else:
+        parallel_for(lambda a, b, _: _kc.sgd_momentum(df, vf, mf, mof, vof, k, has_mom, nest, a, b),
+                     n, uses_blas=False)
+    return mo, vo
+
+
+def _sgd_numpy_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov):
+    """The step in numpy (mixed dtypes)."""
     dt = value.dtype.type
     g = dt(inv_bs) * der + dt(decay) * value
     if mom is None:
