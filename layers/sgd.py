@@ -60,12 +60,8 @@ def _sgd_fused_cpu(der, value, mom, inv_bs, decay, momentum, lr, nesterov):
     mf = vf if mom is None else flat(mom)          # not read without a momentum
     k = np.array([inv_bs, decay, momentum, lr], dtype=value.dtype)
     has_mom, nest = mom is not None, bool(nesterov)
-    n = vf.size
-    if n < SGD_SPLIT_MIN:
-        _kc.sgd_momentum(df, vf, mf, mof, vof, k, has_mom, nest, 0, n)
-    else:
-        parallel_for(lambda a, b, _: _kc.sgd_momentum(df, vf, mf, mof, vof, k, has_mom, nest, a, b),
-                     n, uses_blas=False)
+    parallel_for(lambda a, b, _: _kc.sgd_momentum(df, vf, mf, mof, vof, k, has_mom, nest, a, b),
+                 vf.size, uses_blas=False, workers=1 if vf.size < SGD_SPLIT_MIN else None)
     return mo, vo
 
 

@@ -5,10 +5,10 @@ upper-triangle (un)packing of the vectorised output.
 
 The elementwise kernels take ``(n, d, d)`` stacks, fastest C-contiguous (the layer's
 matrices are column-major, so it passes their transposes: an elementwise step does not
-care, and the diagonal is the same), and compute each element with exactly the operations, in the order, of the numpy
-expression it replaces, so results do not change by a bit: the constants come in as
-scalars of the arrays' dtype (``k``: ``np.array([0, 0.5, 1.5, 3], dtype)``), so float32
-stays float32 arithmetic as in numpy.
+care, and the diagonal is the same). Each element is computed with exactly the
+operations, in the order, of the numpy expression it replaces, so results do not change
+by a bit: the constants come in as scalars of the arrays' dtype (``k``:
+``np.array([0, 0.5, 1.5, 3], dtype)``), so float32 stays float32 arithmetic as in numpy.
 """
 from numba import njit
 

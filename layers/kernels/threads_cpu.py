@@ -215,28 +215,30 @@ def _kernel_matmul(a, b, out):
     elements to get there (the copies are O(size), the product O(m n k))."""
     from pydagnn.layers.kernels import gemm_cpu
     dt = out.dtype
-    if a.dtype != dt or b.dtype != dt or gemm_cpu.kernel_for(1, 1, dt) is None:
+    if a.dtype != dt or b.dtype != dt:
         return False
-    cost = lambda rhs, res: (0 if _unit_columns(rhs) else rhs.size) + \
-        (0 if _unit_columns(res) else res.size)  # noqa: E731
-    if cost(b, out) > cost(a.T, out.T):
+    if _copies(b, out) > _copies(a.T, out.T):
         a, b, out = b.T, a.T, out.T
+    kern = gemm_cpu.kernel_for(out.shape[0], out.shape[1], dt)
+    if kern is None:
+        return False
     rhs = b if _unit_columns(b) else np.ascontiguousarray(b)
     res = out if _unit_columns(out) else np.empty(out.shape, dtype=dt)
-    if not _kernel_split(gemm_cpu, a, rhs, res):
-        return False
+    _kernel_split(kern, a, rhs, res)
     if res is not out:
         out[...] = res
     return True
 
 
-def _kernel_split(gemm_cpu, a, b, out):
-    """``out = a @ b`` (b and out with unit column stride), split along out's longer side
-    in whole kernel tiles."""
+def _copies(rhs, res):
+    """Elements copied to give the right operand and the result contiguous rows."""
+    return (0 if _unit_columns(rhs) else rhs.size) + (0 if _unit_columns(res) else res.size)
+
+
+def _kernel_split(kern, a, b, out):
+    """``out = a @ b`` on kernel ``kern`` (b and out with unit column stride), split
+    over the workers along out's longer side in whole kernel tiles."""
     M, N = out.shape
-    kern = gemm_cpu.kernel_for(M, N, out.dtype)
-    if kern is None:
-        return False
     if N >= M:
         tiles = -(-N // kern.nr)
         cut = lambda s, e: (slice(None), slice(s * kern.nr, min(N, e * kern.nr)))  # noqa: E731
@@ -248,7 +250,6 @@ def _kernel_split(gemm_cpu, a, b, out):
         rows, cols = cut(s, e)
         kern.prepare(a[rows], b[:, cols], out[rows, cols])()
     parallel_for(part, tiles, uses_blas=False)
-    return True
 
 
 _blas_threads_outside_regions()
