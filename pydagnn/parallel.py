@@ -23,9 +23,18 @@ arrive, the waiting rank and ``where``.
 :func:`make_comm` picks one: ``'auto'`` is ``mpi`` (``nccl`` with GPUs) when the process
 was started by ``mpiexec`` / ``srun`` with more than one rank, else ``single``.
 """
+import io
 import os
+import stat
+import struct
 import sys
 import time
+
+try:                  # POSIX only: used to see whether the launcher read our pipes
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
 
 import numpy as np
 
@@ -88,6 +97,36 @@ class SingleComm:
         sys.stderr.write(message.rstrip('\n') + '\n')
         sys.stderr.flush()
         raise SystemExit(code)
+
+
+def _unread_bytes(stream):
+    """Bytes written to ``stream``'s pipe that its reader has not taken yet; 0 when
+    the stream is not a pipe (a file or a terminal has nothing to lose)."""
+    if fcntl is None or not _is_pipe(stream):
+        return 0
+    try:
+        fd = stream.fileno()
+        return struct.unpack('i', fcntl.ioctl(fd, termios.FIONREAD, b'\0\0\0\0'))[0]
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return 0
+
+
+def _wait_until_read(streams, limit_s=3.0, settle_s=0.2):
+    """Wait (at most ``limit_s`` seconds) until the readers of ``streams``' pipes have
+    taken every byte, then ``settle_s`` more so that they can pass it on."""
+    if not any(_is_pipe(s) for s in streams):
+        return
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end and any(_unread_bytes(s) for s in streams):
+        time.sleep(0.01)
+    time.sleep(settle_s)
+
+
+def _is_pipe(stream):
+    try:
+        return stat.S_ISFIFO(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return False
 
 
 def _mpi():
@@ -215,6 +254,10 @@ class MPIComm:
         sys.stderr.write(message.rstrip('\n') + '\n')
         sys.stderr.flush()
         sys.stdout.flush()
+        # MPI_Abort has the launcher kill every rank at once; Hydra's proxy may then
+        # drop what it has not yet read from our pipes, and the message is lost.
+        # So first let it read what we wrote (bounded: a stalled reader cannot hang us).
+        _wait_until_read((sys.stderr, sys.stdout))
         self.MPI.COMM_WORLD.Abort(code)
         os._exit(code)  # Abort may return before the launcher kills us: never run on
 

@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -233,6 +234,27 @@ def test_single_comm_and_launcher_environment():
     assert launched_world_size({'PMI_SIZE': '4'}) == 4
     assert launched_world_size({'OMPI_COMM_WORLD_SIZE': '2'}) == 2
     assert launched_world_size({'SLURM_STEP_NUM_TASKS': '8', 'SLURM_PROCID': '3'}) == 8
+
+
+def test_abort_waits_until_the_launcher_has_read_its_pipe():
+    # MPIComm.abort calls this before MPI_Abort, which can make the launcher drop
+    # what it has not read yet (the failing-rank message, lost in 5 of 60 loaded runs)
+    from pydagnn.parallel import _unread_bytes, _wait_until_read
+    r, w = os.pipe()
+    with os.fdopen(w, 'wb', buffering=0) as writer, os.fdopen(r, 'rb', buffering=0) as reader:
+        writer.write(b'rank 1 failed\n')
+        assert _unread_bytes(writer) == 14
+        t0 = time.monotonic()
+        _wait_until_read([writer], limit_s=0.3, settle_s=0.0)   # nobody reads: gives up
+        assert 0.3 <= time.monotonic() - t0 < 2.0
+        threading.Timer(0.2, reader.read, (14,)).start()       # a reader comes later
+        t0 = time.monotonic()
+        _wait_until_read([writer], limit_s=5.0, settle_s=0.0)
+        assert 0.2 <= time.monotonic() - t0 < 4.0 and _unread_bytes(writer) == 0
+    with open(os.devnull, 'w') as f:                              # not a pipe: no wait
+        t0 = time.monotonic()
+        _wait_until_read([f], limit_s=5.0, settle_s=5.0)
+        assert time.monotonic() - t0 < 1.0 and _unread_bytes(f) == 0
 
 
 def test_gpus_need_one_rank_each(tmp_path):
