@@ -269,11 +269,30 @@ def _conv_backward_cpu(g, dy):
         elif not part:
             part = _im2col_backward_part(g, xT, dxT, dyT3, wm)
         # each part returns its own sums over its images: (dW, db)
-        for pdw, pdb in parallel_for(part, N, uses_blas=blas):
-            dwm += pdw
-            if db is not None:
+        sums = parallel_for(part, N, uses_blas=blas)
+        _sum_parts([pdw for pdw, _ in sums], dwm)
+        if db is not None:
+            for _, pdb in sums:
                 db += pdb
     return dx, dw.astype(g.w_dtype, copy=False), _cast(db, g.b_dtype)
+
+
+def _sum_parts(parts, dwm):
+    """``dwm (Cout, Kg) = parts[0] + parts[1] + ...`` (``dwm`` zero before), added in part
+    order (so the sum does not depend on the threads). The parts are transposed views of
+    C-contiguous (Kg, Cout) arrays; numpy's strided ``+=`` of them took 0.7 ms of the main
+    thread for ResNet18's 8x8x128 layer (4 parts): the workers share the rows instead."""
+    if not parts:
+        return
+    if not all(p.T.flags.c_contiguous for p in parts) or not dwm.flags.c_contiguous:
+        for p in parts:
+            dwm += p
+        return
+    srcs = tuple(p.T for p in parts)
+
+    def rows(a, b, _):
+        _k.sum_transposed(srcs, dwm, a, b)
+    parallel_for(rows, dwm.shape[1], uses_blas=False)
 
 
 def _cast(a, dtype):

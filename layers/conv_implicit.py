@@ -268,7 +268,13 @@ def forward(g, im, y):
     if kern1 is None:
         return False
     kernm = _gemm.kernel_for(g.Cout, im.ncols, g.dtype, mode='btab') if im.m > 1 else kern1
-    packed = {k.mr: row_blocks(k, g.wmat()) for k in (kern1, kernm)}
+    packed, lock = {}, threading.Lock()
+
+    def filters(kern):   # packed on first use: kern1 serves only chunks of one image
+        with lock:
+            if kern.mr not in packed:
+                packed[kern.mr] = row_blocks(kern, g.wmat())
+            return packed[kern.mr]
     xT = g.x.T
     yT3 = y.T.reshape(g.N, g.Cout, g.P)
     y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
@@ -291,7 +297,7 @@ def forward(g, im, y):
             src = c.source(buf, xT, n0)
             if c.m == 1:
                 if call is None:   # checked once; per image only the arrays move
-                    call = st[3] = kern1.prepare(packed[kern1.mr], src, yT3[n0], a_panels=True,
+                    call = st[3] = kern1.prepare(filters(kern1), src, yT3[n0], a_panels=True,
                                                  b_offsets=c.boff,
                                                  groups=(g.Wo, g.Ho, c.Hph, g.Ho))
                 call(b=src, c=yT3[n0])
@@ -299,7 +305,7 @@ def forward(g, im, y):
                     yT3[n0] += bcol
                 continue
             if call is None:
-                call = st[3] = kernm.prepare(packed[kernm.mr], src, ypad[:, :c.ncols],
+                call = st[3] = kernm.prepare(filters(kernm), src, ypad[:, :c.ncols],
                                              a_panels=True, b_offsets=c.boff)
             call(b=src)
             _k.rows_from(grid, y4, n0, c.m, 0, c.step, bias)

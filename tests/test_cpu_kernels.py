@@ -151,3 +151,25 @@ def test_mixture_chunks_cover_each_component():
     ch = _chunks(bounds, 8)
     assert ch == [(0, 0, 6), (0, 6, 12), (0, 12, 17), (2, 17, 20), (3, 20, 28), (3, 28, 36)]
     assert _chunks([(0, 0)], 8) == []
+
+
+@pytest.mark.parametrize('dtype', [np.float32, np.float64])
+@pytest.mark.parametrize('K,R,nparts', [(1152, 128, 4), (37, 5, 1), (27, 16, 3)])
+def test_filter_derivative_parts_are_summed_in_part_order(dtype, K, R, nparts):
+    # conv's backward sums the per-part (Kg, Cout) dW transposed on the workers:
+    # the same numbers as adding the parts one by one, in part order
+    from pydagnn.layers.conv import _sum_parts
+    from pydagnn.layers.kernels.im2col_cpu import sum_transposed
+    rng = np.random.default_rng(K + nparts)
+    parts = [(rng.standard_normal((K, R)) * 10.0 ** rng.integers(-4, 4, (K, R))).astype(dtype)
+             for _ in range(nparts)]
+    ref = np.zeros((R, K), dtype)
+    for p in parts:
+        ref += p.T
+    out = np.zeros((R, K), dtype)
+    _sum_parts([p.T for p in parts], out)
+    np.testing.assert_array_equal(out, ref)
+    split = np.full((R, K), np.nan, dtype)   # two ranges, as two workers take them
+    sum_transposed(tuple(parts), split, 0, K // 3)
+    sum_transposed(tuple(parts), split, K // 3, K)
+    np.testing.assert_array_equal(split, ref)

@@ -279,3 +279,33 @@ def rows_from(src3, dst4, n0, m, r0, step, bias):
                 do = _U(((n0 + j) * R + r) * Wx + w) * _U(h)
                 for i in range(_U(h)):
                     d[do + i] = s[so + i] + add
+
+
+
+@njit(nogil=True, cache=True)
+def sum_transposed(parts, out, k0, k1):
+    """``out[:, k0:k1] = (parts[0] + parts[1] + ...)[k0:k1, :].T``, added left to right,
+    for a tuple of C-contiguous (K, R) ``parts`` and a C-contiguous (R, K) ``out``: a
+    worker's share of the per-part filter derivatives, which the parts accumulate
+    transposed (see ``conv._im2col_backward_part``). Per block of 16 rows the parts are
+    summed contiguously into an L1 buffer, which is then written out transposed."""
+    R, K = out.shape
+    o = out.ravel()
+    tmp = np.empty(16 * R, dtype=out.dtype)
+    for kb in range(k0, k1, 16):
+        n = _U(min(kb + 16, k1) - kb)
+        base = _U(kb) * _U(R)
+        first = True
+        for p in parts:
+            pf = p.ravel()
+            if first:
+                for i in range(n * _U(R)):
+                    tmp[i] = pf[base + i]
+                first = False
+            else:
+                for i in range(n * _U(R)):
+                    tmp[i] += pf[base + i]
+        for r in range(R):
+            ro = _U(r) * _U(K) + _U(kb)
+            for k in range(n):
+                o[ro + k] = tmp[k * _U(R) + _U(r)]
