@@ -193,6 +193,9 @@ def _conv_forward_cpu(g):
                 yT3[a:b] += bcol
         parallel_for(part, N)
         return y
+    mi = _implicit.interleave_count(g)
+    if mi > 1 and _implicit.forward_interleaved(g, mi, y):
+        return y
     im = _implicit.Implicit.of(g)
     if im is not None and _implicit.forward(g, im, y):
         return y

@@ -13,6 +13,7 @@ from pydagnn.layers import conv as cv
 from pydagnn.layers import conv_implicit as ci
 from pydagnn.layers.kernels import gemm_cpu as G
 from pydagnn.layers.kernels import im2col_cpu as K
+from pydagnn.layers.kernels.threads_cpu import num_workers
 
 pytestmark = pytest.mark.skipif(not G._library(), reason='the GEMM kernels did not compile here')
 
@@ -142,7 +143,14 @@ CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1, 1),
               ((8, 8, 16, 9), (3, 3, 16, 24), 1, 1, 1),
               ((12, 10, 4, 5), (3, 3, 4, 6), [1, 0, 1, 1], 1, 1),
               ((10, 9, 3, 4), (3, 3, 3, 5), 2, 1, 2),
-              ((6, 7, 8, 3), (2, 3, 8, 4), [0, 1, 2, 0], 1, 1)]
+              ((6, 7, 8, 3), (2, 3, 8, 4), [0, 1, 2, 0], 1, 1),
+              ((20, 18, 6, 9), (3, 3, 6, 10), 1, 1, 1),   # stacked forward (Ho 16..31)
+              # small maps, forward image-interleaved (11 images: chunks of 3 and 2)
+              ((16, 16, 8, 11), (3, 3, 8, 12), 1, 2, 1),
+              ((9, 7, 5, 7), (3, 3, 5, 6), [1, 0, 2, 1], [2, 3], 1),
+              ((12, 12, 4, 6), (3, 3, 4, 5), 2, 1, 2),
+              ((11, 13, 3, 5), (2, 3, 3, 4), [0, 1, 1, 0], 1, 1),
+              ((6, 6, 4, 5), (3, 3, 4, 3), 4, 1, 1)]   # padding beyond the filter
 
 
 @pytest.mark.parametrize('dt', [np.float32, np.float64])
@@ -161,16 +169,22 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     dy = rng.standard_normal(y0.shape).astype(dt)
     r0 = cv.conv_backward(x, w, b, dy, pad, stride, dil)
     monkeypatch.setenv('PYDAGNN_CONV_GEMM', '')
-    calls = {'fwd': 0, 'bwd': 0}
-    fwd, bwd = ci.forward, ci.backward_part
+    calls = {'fwd': 0, 'bwd': 0, 'il': 0}
+    fwd, bwd, fil = ci.forward, ci.backward_part, ci.forward_interleaved
     monkeypatch.setattr(ci, 'forward',
                         lambda *a: (calls.__setitem__('fwd', calls['fwd'] + 1), fwd(*a))[1])
+    monkeypatch.setattr(ci, 'forward_interleaved',
+                        lambda *a: (calls.__setitem__('il', calls['il'] + 1), fil(*a))[1])
     monkeypatch.setattr(ci, 'backward_part',
                         lambda *a: (calls.__setitem__('bwd', calls['bwd'] + 1), bwd(*a))[1])
     y1 = cv.conv_forward(x, w, b, pad, stride, dil)
     r1 = cv.conv_backward(x, w, b, dy, pad, stride, dil)
     g = cv._Geom(x, w, b, pad, stride, dil, 'test')
-    assert calls['fwd'] == (ci.Implicit.of(g) is not None)
+    interleaved = ci.interleave_count(g) > 1
+    assert calls['il'] == interleaved
+    assert calls['fwd'] == (not interleaved and ci.Implicit.of(g) is not None)
+    if xs[3] in (7, 11) or xs[:2] in ((12, 12), (11, 13), (6, 6)):
+        assert interleaved   # the cases meant for it
     assert calls['bwd'] == (ci.Implicit.of(g, backward=True) is not None)
     assert ci.Implicit.of(g) is not None or ws[0] * ws[1] == 1
     if g.Ho < ci.IMPLICIT_STACK_BELOW and (stride, xs[3]) == (1, 9):
@@ -196,6 +210,19 @@ def test_implicit_path_is_taken_for_the_resnet_convs():
     assert not of(64, 1, 16, backward=True, k=3)   # K = 9: too few rows
     assert of(8, 128, 128, backward=True)   # 8 images stacked per GEMM
     assert of(16, 64, 64, backward=True)
+
+    def interleaved(H, C, Co, s=1, k=3):
+        x = np.zeros((H, H, C, 32), np.float32)
+        g = cv._Geom(x, np.zeros((k, k, C, Co), np.float32), None, (k - 1) // 2, s, 1, 'x')
+        return ci.interleave_count(g)
+    if G.vector_registers() == 32 and num_workers() <= 4:
+        # the forward of the 8x8 maps and of the stride-2 convs to 16x16 and 8x8
+        # interleaves 8 and 4 images; the 16x16 and larger stride-1 maps and the
+        # stride-2 conv to 32x32 do not
+        assert interleaved(8, 128, 128) == 8 and interleaved(16, 64, 128, s=2) == 8
+        assert interleaved(32, 32, 64, s=2) == 4
+        assert interleaved(16, 64, 64) == interleaved(64, 16, 32, s=2) == 1
+        assert interleaved(16, 64, 128, s=2, k=1) == 1
 
 
 def test_to_phases():

@@ -309,3 +309,58 @@ def sum_transposed(parts, out, k0, k1):
             ro = _U(r) * _U(K) + _U(kb)
             for k in range(n):
                 o[ro + k] = tmp[k * _U(R) + _U(r)]
+
+
+
+@njit(nogil=True, cache=True)
+def to_phases_interleaved(xT, n0, buf, pt, pl):
+    """Images ``n0 .. n0+m-1`` of ``xT`` (N, C, W, H) into the *image-interleaved* phase
+    buffer ``buf`` (C, sx, sy, Wph, Hph, m) of an implicit convolution: ``buf[c, a, b, u,
+    v, j]`` is padded pixel ``(u * sx + a, v * sy + b)`` of image ``n0 + j`` (padding
+    ``pl`` left, ``pt`` top), zero outside the image. Every entry is written (the buffer
+    need not be zeroed first). Per image column the m images' rows are read contiguously
+    and written into one small block (in L1) with stride m."""
+    C, W, H = xT.shape[1], xT.shape[2], xT.shape[3]
+    sx, sy, Wph, Hph, m = buf.shape[1], buf.shape[2], buf.shape[3], buf.shape[4], buf.shape[5]
+    src = xT.ravel()
+    dst = buf.ravel()
+    dst[:] = 0
+    img = _U(C) * _U(W) * _U(H)
+    M = _U(m)
+    for c in range(C):
+        for xw in range(W):
+            pw = xw + pl
+            a, u = pw % sx, pw // sx
+            s0 = _U(n0) * img + _U((c * W + xw) * H)
+            for b in range(sy):
+                # rows v of phase b hold xh = v * sy + b - pt, inside [0, H)
+                v0 = max(0, (pt - b + sy - 1) // sy)
+                v1 = min(Hph, (H + pt - b + sy - 1) // sy)
+                d0 = _U((((c * sx + a) * sy + b) * Wph + u) * Hph) * M
+                for j in range(M):
+                    sj = s0 + j * img
+                    for v in range(v0, v1):
+                        dst[d0 + _U(v) * M + j] = src[sj + _U(v * sy + b - pt)]
+
+
+@njit(nogil=True, cache=True)
+def from_interleaved(src, yT4, n0, bias):
+    """The inverse for outputs: ``yT4[n0 + j, r, w, h] = src[r, w, h, j]`` (+ ``bias[r]``
+    when ``bias`` has R entries) for the m images of ``src`` (R, Wo, Ho, m); ``yT4``
+    (N, R, Wo, Ho). Per output column its block of Ho * m values (in L1) is written out
+    as m contiguous rows."""
+    R, Wo, Ho, m = src.shape
+    s = src.ravel()
+    d = yT4.ravel()
+    with_bias = bias.size == R
+    img = _U(R) * _U(Wo) * _U(Ho)
+    M = _U(m)
+    for r in range(R):
+        add = bias[r] if with_bias else s.dtype.type(0)
+        for w in range(Wo):
+            base = _U((r * Wo + w) * Ho)
+            d0 = _U(n0) * img + base
+            for j in range(M):
+                dj = d0 + j * img
+                for h in range(_U(Ho)):
+                    d[dj + h] = s[(base + h) * M + j] + add
