@@ -81,6 +81,7 @@ IMPLICIT_STACK_ROWS = 64
 INTERLEAVE_BELOW = 32
 INTERLEAVE_STRIDE1_BELOW = 16
 INTERLEAVE_COLUMNS = 64
+INTERLEAVE_MAX_BYTES = 8 << 20
 
 
 class Implicit:
@@ -336,7 +337,11 @@ def interleave_count(g):
             or g.Ho >= (INTERLEAVE_STRIDE1_BELOW if (g.sx, g.sy) == (1, 1) else INTERLEAVE_BELOW)):
         return 1
     parts = max(1, min(g.N, _threads.num_workers() * _threads.PARTS_PER_WORKER))
-    return max(1, min(-(-g.N // parts), -(-INTERLEAVE_COLUMNS // g.Ho)))
+    # the padded phase buffer of one image: at most INTERLEAVE_MAX_BYTES for all m
+    # (a large image with a tiny output, e.g. a big unpadded filter, gets fewer)
+    one = g.C * (-(-(g.W + g.pl + g.pr) // g.sx) * g.sx) * (-(-(g.H + g.pt + g.pb) // g.sy) * g.sy)
+    cap = INTERLEAVE_MAX_BYTES // max(1, one * g.dtype.itemsize)
+    return max(1, min(-(-g.N // parts), -(-INTERLEAVE_COLUMNS // g.Ho), cap))
 
 
 def forward_interleaved(g, m, y):

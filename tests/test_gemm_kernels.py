@@ -150,7 +150,8 @@ CONV_CASES = [((64, 64, 16, 3), (3, 3, 16, 16), 1, 1, 1),
               ((9, 7, 5, 7), (3, 3, 5, 6), [1, 0, 2, 1], [2, 3], 1),
               ((12, 12, 4, 6), (3, 3, 4, 5), 2, 1, 2),
               ((11, 13, 3, 5), (2, 3, 3, 4), [0, 1, 1, 0], 1, 1),
-              ((6, 6, 4, 5), (3, 3, 4, 3), 4, 1, 1)]   # padding beyond the filter
+              ((6, 6, 4, 5), (3, 3, 4, 3), 4, 1, 1),   # padding beyond the filter
+              ((13, 12, 4, 6), (3, 3, 4, 5), 2, 2, 2)]   # strided and dilated
 
 
 @pytest.mark.parametrize('dt', [np.float32, np.float64])
@@ -183,7 +184,7 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     interleaved = ci.interleave_count(g) > 1
     assert calls['il'] == interleaved
     assert calls['fwd'] == (not interleaved and ci.Implicit.of(g) is not None)
-    if xs[3] in (7, 11) or xs[:2] in ((12, 12), (11, 13), (6, 6)):
+    if xs[3] in (7, 11) or xs[:2] in ((12, 12), (11, 13), (6, 6), (13, 12)):
         assert interleaved   # the cases meant for it
     assert calls['bwd'] == (ci.Implicit.of(g, backward=True) is not None)
     assert ci.Implicit.of(g) is not None or ws[0] * ws[1] == 1
@@ -223,6 +224,10 @@ def test_implicit_path_is_taken_for_the_resnet_convs():
         assert interleaved(32, 32, 64, s=2) == 4
         assert interleaved(16, 64, 64) == interleaved(64, 16, 32, s=2) == 1
         assert interleaved(16, 64, 128, s=2, k=1) == 1
+        # a big image with a tiny output: fewer images, to keep the buffer bounded
+        x = np.zeros((64, 64, 256, 32), np.float32)
+        g = cv._Geom(x, np.zeros((63, 63, 256, 8), np.float32), None, 0, 1, 1, 'x')
+        assert ci.interleave_count(g) * 64 * 64 * 256 * 4 <= ci.INTERLEAVE_MAX_BYTES
 
 
 def test_to_phases():
