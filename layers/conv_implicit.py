@@ -263,7 +263,7 @@ def _image_range(phase, pad, stride, size, nph):
 def row_blocks(kern, m):
     """``m`` (M, K) packed as the kernel's row blocks (one contiguous stream for its A)."""
     ap = np.empty(kern.a_panel_shape(*m.shape), dtype=m.dtype)
-    _k.pack_row_blocks(m, ap)
+    _k.pack_row_blocks(np.ascontiguousarray(m), ap)
     return ap
 
 

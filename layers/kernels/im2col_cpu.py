@@ -138,15 +138,24 @@ def col2im(col, dxT, n0, FH, FW, Ho, Wo, pt, pl, sy, sx, ry, rx):
 
 @njit(nogil=True, cache=True)
 def pack_row_blocks(m, ap):
-    """``m`` (M, K) into row blocks ``ap`` (blocks, K, MR): ``ap[i // MR, k, i % MR] =
-    m[i, k]``, rows past M zero."""
+    """``m`` (M, K) C-contiguous into row blocks ``ap`` (blocks, K, MR): ``ap[i // MR, k,
+    i % MR] = m[i, k]``, rows past M zero (flat unsigned offsets)."""
     M, K = m.shape
-    MR = ap.shape[2]
-    for t in range(ap.shape[0]):
-        for k in range(K):
-            for r in range(MR):
-                i = t * MR + r
-                ap[t, k, r] = m[i, k] if i < M else 0
+    T, _, MR = ap.shape
+    s = m.ravel()
+    d = ap.ravel()
+    zero = ap.dtype.type(0)
+    uK, uMR = _U(K), _U(MR)
+    for t in range(T):
+        rows = _U(min(MR, M - t * MR))
+        so = _U(t) * uMR * uK
+        do = _U(t) * uK * uMR
+        for k in range(uK):
+            dk = do + k * uMR
+            for r in range(rows):
+                d[dk + r] = s[so + r * uK + k]
+            for r in range(rows, uMR):
+                d[dk + r] = zero
 
 
 @njit(nogil=True, cache=True)
