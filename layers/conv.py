@@ -51,6 +51,9 @@ __all__ = ['conv_forward', 'conv_backward', 'conv_output_size', 'parse_pad', 'pa
 #: 32x32 and larger (or many channels) get one image per chunk.
 COL_CHUNK_BYTES = 2 << 20
 
+#: filter derivatives of at least this many elements are summed over the workers
+SUM_PARTS_PARALLEL_MIN = 1 << 16
+
 #: GPU: upper bound in bytes of the im2col buffer of one chunk of images (the CuPy memory
 #: pool reuses it from call to call)
 COL_BYTES = 128 << 20
@@ -292,6 +295,9 @@ def _sum_parts(parts, dwm):
             dwm += p
         return
     srcs = tuple(p.T for p in parts)
+    if dwm.size < SUM_PARTS_PARALLEL_MIN:   # a region costs more than the sum (~30 us)
+        _k.sum_transposed(srcs, dwm, 0, dwm.shape[1])
+        return
 
     def rows(a, b, _):
         _k.sum_transposed(srcs, dwm, a, b)
