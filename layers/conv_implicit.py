@@ -20,6 +20,12 @@ cost nothing. Maps under IMPLICIT_STACK_BELOW rows are stacked instead, several 
 to one tall image with zero rows between them (its grid's gap rows are computed and
 dropped: 9/8 of the work at 8x8 with 3x3 filters), and copied out.
 
+Forward of small maps, image-interleaved (:func:`forward_interleaved`): m images share
+one phase buffer with their pixels side by side, ``buf[c, a, b, u, v, j]`` for image j, so
+every tap offset is multiplied by m and output column ``wo`` of all m images is one
+contiguous run of ``Ho * m`` grid entries; the column groups then compute exactly the
+output pixels (no rows between images, full tiles at 8x8), strided or not.
+
 Filter derivative: the phase buffer through the same table as the rows of A (mode
 'atab'): ``dW.T (K, Cout) += col (K, Q) @ dY.T (Q, Cout)``, ``dY.T`` packed on the grid
 with zero rows in the dropped columns.
@@ -45,7 +51,7 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
            'IMPLICIT_MIN_K_BACKWARD', 'IMPLICIT_STRIDED_MIN_HO', 'IMPLICIT_STRIDED_BACKWARD',
            'IMPLICIT_AVX2_MIN_PIXELS', 'IMPLICIT_STACK_BELOW', 'IMPLICIT_STACK_ROWS',
            'interleave_count', 'forward_interleaved', 'INTERLEAVE_BELOW', 'INTERLEAVE_STRIDE1_BELOW',
-           'INTERLEAVE_COLUMNS']
+           'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES']
 
 #: the implicit form runs where its grid is at most this many times the output pixels
 #: (the extra rows are computed and dropped) and, for the backward pass, the column
