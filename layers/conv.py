@@ -287,14 +287,9 @@ def _sum_parts(parts, dwm):
     """``dwm (Cout, Kg) = parts[0] + parts[1] + ...`` (``dwm`` zero before), added in part
     order (so the sum does not depend on the threads). The parts are transposed views of
     C-contiguous (Kg, Cout) arrays; numpy's strided ``+=`` of them took 0.7 ms of the main
-    thread for ResNet18's 8x8x128 layer (4 parts): the workers share the rows instead."""
-    if not parts:
-        return
-    if not all(p.T.flags.c_contiguous for p in parts) or not dwm.flags.c_contiguous:
-        for p in parts:
-            dwm += p
-        return
-    srcs = tuple(p.T for p in parts)
+    thread for ResNet18's 8x8x128 layer (4 parts): the workers share the rows instead.
+    ``dwm`` is a C-contiguous view (of ``dw.T``)."""
+    srcs = tuple(np.ascontiguousarray(p.T) for p in parts)   # no copy: the parts' own arrays
     if dwm.size < SUM_PARTS_PARALLEL_MIN:   # a region costs more than the sum (~30 us)
         _k.sum_transposed(srcs, dwm, 0, dwm.shape[1])
         return

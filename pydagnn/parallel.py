@@ -114,10 +114,11 @@ def _unread_bytes(stream):
 def _wait_until_read(streams, limit_s=3.0, settle_s=0.2):
     """Wait (at most ``limit_s`` seconds) until the readers of ``streams``' pipes have
     taken every byte, then ``settle_s`` more so that they can pass it on."""
-    if not any(_is_pipe(s) for s in streams):
+    pipes = [s for s in streams if _is_pipe(s)]
+    if not pipes:
         return
     end = time.monotonic() + limit_s
-    while time.monotonic() < end and any(_unread_bytes(s) for s in streams):
+    while time.monotonic() < end and any(_unread_bytes(s) for s in pipes):
         time.sleep(0.01)
     time.sleep(settle_s)
 

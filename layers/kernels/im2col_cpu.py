@@ -299,7 +299,6 @@ def rows_from(src3, dst4, n0, m, r0, step, bias):
                     d[do + i] = s[so + i] + add
 
 
-
 @njit(nogil=True, cache=True)
 def sum_transposed(parts, out, k0, k1):
     """``out[:, k0:k1] = (parts[0] + parts[1] + ...)[k0:k1, :].T``, added left to right,
@@ -327,7 +326,6 @@ def sum_transposed(parts, out, k0, k1):
             ro = _U(r) * _U(K) + _U(kb)
             for k in range(n):
                 o[ro + k] = tmp[k * _U(R) + _U(r)]
-
 
 
 @njit(nogil=True, cache=True)
