@@ -41,6 +41,14 @@ __all__ = ['bnorm_moments', 'bnorm_forward', 'bnorm_backward', 'bnorm_backward_f
            'bnorm_forward_synced', 'bnorm_backward_synced', 'BatchNorm']
 
 
+#: CPU passes over maps of fewer elements run in the calling thread: waking a worker
+#: costs more than it saves. Measured at batch 32 on the 2-core machine (regions 80 us):
+#: BN+ReLU at 8x8x128 (262K elements) forward 0.45-0.49 ms on 2 threads against 0.24-0.29
+#: on one, backward 0.51-0.56 against 0.31-0.35; at 16x16x64 (524K) the backward is
+#: faster on 2 (0.67-0.71 against 0.75-0.83), the forward about even.
+PARALLEL_MIN_ELEMENTS = 1 << 19
+
+
 def _check(x, g, b, moments, op):
     x = as4d(x, 'x', op)
     C = x.shape[2]
@@ -90,8 +98,9 @@ def bnorm_moments(x, epsilon=1e-5):
 
 
 # CPU: numba kernels (:mod:`pydagnn.layers.kernels.bnorm_cpu`) on the C-contiguous
-# (N, C, H*W) view, the channels split over worker threads: two streaming passes forward,
-# three backward, instead of numpy's six or seven with map-sized temporaries.
+# (N, C, H*W) view, its N * C planes split over worker threads in memory order: two
+# streaming passes forward and two backward, instead of numpy's six or seven with
+# map-sized temporaries.
 def _bnorm_moments_cpu(x, epsilon):
     mu, sigma = _batch_stats(_x3_cpu(x), epsilon, x.shape)
     return np.stack([mu, sigma], axis=1)
@@ -102,10 +111,30 @@ def _x3_cpu(x):
     return np.ascontiguousarray(_ncm(x))
 
 
-def _on_channels(C, run):
-    """``run(c0, c1)`` (a kernel call on channels ``[c0, c1)``) over a split of the C
-    channels on the worker threads."""
-    parallel_for(lambda c0, c1, _: run(c0, c1), C, uses_blas=False)
+def on_planes(x3, run):
+    """``run(p0, p1)`` (a kernel call on the planes ``[p0, p1)`` of the (N, C, H*W) map
+    ``x3``, see :mod:`bnorm_cpu`) over a split of its N * C planes on the worker threads:
+    each thread streams through a contiguous run of memory. Maps under
+    :data:`PARALLEL_MIN_ELEMENTS` run in the calling thread."""
+    workers = 1 if x3.size < PARALLEL_MIN_ELEMENTS else None
+    parallel_for(lambda p0, p1, _: run(p0, p1), x3.shape[0] * x3.shape[1], uses_blas=False,
+                 workers=workers)
+
+
+def channel_moments(sums, sqdevs, N, C, HW):
+    """The (C,) float64 mean and biased variance of each channel from its N planes' sums
+    and squared deviations from their own means (:func:`bnorm_cpu.plane_stats`): Chan,
+    Golub and LeVeque's combination, ``M2 = sum(sqdevs) + HW * sum((plane mean -
+    mean)**2)``, exact in exact arithmetic, without the cancellation of ``E[x^2] - mu^2``."""
+    M = N * HW
+    mu = channel_totals(sums, C) / M
+    shift = sums.reshape(N, C) / HW - mu
+    return mu, (channel_totals(sqdevs, C) + HW * (shift * shift).sum(axis=0)) / M
+
+
+def channel_totals(per_plane, C):
+    """The (C,) float64 sums over the images of per-plane sums (N * C,), image by image."""
+    return per_plane.reshape(-1, C).sum(axis=0)
 
 
 def _batch_stats(x3, epsilon, shape):
@@ -113,9 +142,10 @@ def _batch_stats(x3, epsilon, shape):
     N, C, HW = x3.shape
     if N * HW == 0:
         raise ValueError(f'bnorm: batch statistics of an empty batch (x shape {shape})')
-    mu = np.empty(C)
-    sigma = np.empty(C)
-    _on_channels(C, lambda c0, c1: _kc.stats(x3, c0, c1, float(epsilon), mu, sigma))
+    sums, sqdevs = np.empty(N * C), np.empty(N * C)
+    on_planes(x3, lambda p0, p1: _kc.plane_stats(x3, p0, p1, sums, sqdevs))
+    mu, var = channel_moments(sums, sqdevs, N, C, HW)
+    sigma = np.sqrt(var + float(epsilon))
     return mu.astype(x3.dtype), sigma.astype(x3.dtype)
 
 
@@ -152,7 +182,7 @@ def _bnorm_forward_cpu(x, g, b, moments, epsilon):
     scale = np.ascontiguousarray(_channels(g, C, dt) / sigma)
     shift = np.ascontiguousarray(_channels(b, C, dt))
     y3 = _ncm(y)
-    _on_channels(C, lambda c0, c1: _kc.normalize(x3, y3, c0, c1, mu, scale, shift))
+    on_planes(x3, lambda p0, p1: _kc.normalize(x3, y3, p0, p1, mu, scale, shift))
     return y, out_moments
 
 
@@ -177,17 +207,17 @@ def _bnorm_backward_cpu(x, g, b, dy, moments, epsilon):
     dy3 = _x3_cpu(dy.astype(dt, copy=False))
     mu, sigma, out_moments = _moments_cpu(x3, moments, epsilon, x.shape)
     M = dy3.shape[0] * dy3.shape[2]
-    db64, dot64 = np.empty(C), np.empty(C)
-    _on_channels(C, lambda c0, c1: _kc.backward_sums(x3, dy3, c0, c1, mu, db64, dot64))
-    db = db64.astype(dt)
-    dg = dot64.astype(dt) / sigma
+    db64, dot64 = np.empty(dy3.shape[0] * C), np.empty(dy3.shape[0] * C)
+    on_planes(x3, lambda p0, p1: _kc.backward_sums(x3, dy3, p0, p1, mu, db64, dot64))
+    db = channel_totals(db64, C).astype(dt)
+    dg = channel_totals(dot64, C).astype(dt) / sigma
     G1 = _channels(g, C, dt) / sigma
     G2 = G1 * dg / (dt.type(M) * sigma)
     muz = db / dt.type(M)
     # dx = G1 * (dy - muz) - G2 * (x - mu)
     dx = np.empty(x.shape, dtype=dt, order='F')
     dx3, g1 = _ncm(dx), np.ascontiguousarray(G1)
-    _on_channels(C, lambda c0, c1: _kc.backward_dx(x3, dy3, dx3, c0, c1, mu, muz, g1, G2))
+    on_planes(x3, lambda p0, p1: _kc.backward_dx(x3, dy3, dx3, p0, p1, mu, muz, g1, G2))
     return dx, dg.reshape(g.shape), db.reshape(b.shape), out_moments
 
 

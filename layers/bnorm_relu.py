@@ -29,9 +29,8 @@ from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer
 from pydagnn.layers._common import as4d, as_scalar, dy_like, first_value, opts_to_dict
 from pydagnn.layers.bnorm import (bnorm_backward, bnorm_backward_fixed_moments, bnorm_forward,
-                                  bnorm_moments)
+                                  bnorm_moments, channel_totals, on_planes)
 from pydagnn.layers.kernels import bnorm_cpu as _kc
-from pydagnn.layers.kernels.threads_cpu import parallel_for
 from pydagnn.layers.relu import relu_backward, relu_forward
 
 __all__ = ['bnorm_relu_forward', 'bnorm_relu_backward', 'bnorm_relu_backward_fixed_moments',
@@ -93,18 +92,13 @@ def bnorm_relu_backward_fixed_moments(x, g, b, y, dy, moments, leak=0):
 
 
 # ---------------------------------------------------------------------------- CPU
-# The same (N, C, H*W) view and per-channel split over the worker threads as bnorm.py.
+# The same (N, C, H*W) view and split of its planes over the worker threads as bnorm.py.
 # The helpers are public: the fused residual tail (layers/bnorm_sum_relu.py) uses them.
 def plane_view(a, dt):
     """The C-contiguous (N, C, H*W) view of an H x W x C x N map in dtype ``dt`` (a copy
     only when it is not F-contiguous or of another dtype)."""
     H, W, C, N = a.shape
     return np.ascontiguousarray(a.astype(dt, copy=False).T.reshape(N, C, W * H))
-
-
-def on_channels(C, run):
-    """``run(c0, c1)`` over a split of the C channels on the worker threads."""
-    parallel_for(lambda c0, c1, _: run(c0, c1), C, uses_blas=False)
 
 
 def relu_slopes(leak, dt):
@@ -160,7 +154,7 @@ def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
 def fused_forward_cpu(x, g, b, moments, epsilon, leak, kernel):
     """The normalisation pass of a fused BN (+ ...) + ReLU: moments, per-channel scale
     and shift, ReLU slopes, then ``kernel(x3, y3, c0, c1, mu, scale, shift, leaky, spos,
-    sneg)`` on the channels split over the workers. Returns ``(y, moments)``."""
+    sneg)`` on the planes split over the workers. Returns ``(y, moments)``."""
     C, dt = x.shape[2], x.dtype
     x3 = plane_view(x, dt)
     mu, sigma, m = moments_used(x, moments, epsilon)
@@ -169,8 +163,8 @@ def fused_forward_cpu(x, g, b, moments, epsilon, leak, kernel):
     spos, sneg = relu_slopes(leak, dt)
     y = np.empty(x.shape, dtype=dt, order='F')
     y3 = y.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: kernel(x3, y3, c0, c1, mu, scale, shift, leak != 0,
-                                         spos, sneg))
+    on_planes(x3, lambda p0, p1: kernel(x3, y3, p0, p1, mu, scale, shift, leak != 0,
+                                        spos, sneg))
     return y, m
 
 
@@ -203,14 +197,15 @@ def masked_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
     spos, sneg = relu_slopes(leak, dt)
     d = np.empty(x.shape, dtype=dt, order='F')
     d3 = d.T.reshape(x3.shape)
-    db64, dot64 = np.empty(C), np.empty(C)
-    on_channels(C, lambda c0, c1: _kc.backward_sums_masked(x3, y3, dy3, d3, c0, c1, mu,
-                                                           spos, sneg, db64, dot64))
-    db, dg, G1, G2, muz = bn_backward_coefficients(db64, dot64, g, sigma,
+    db64, dot64 = np.empty(x3.shape[0] * C), np.empty(x3.shape[0] * C)
+    on_planes(x3, lambda p0, p1: _kc.backward_sums_masked(x3, y3, dy3, d3, p0, p1, mu,
+                                                          spos, sneg, db64, dot64))
+    db, dg, G1, G2, muz = bn_backward_coefficients(channel_totals(db64, C),
+                                                   channel_totals(dot64, C), g, sigma,
                                                    dy3.shape[0] * dy3.shape[2], dt)
     dx = np.empty(x.shape, dtype=dt, order='F')
     dx3 = dx.T.reshape(x3.shape)
-    on_channels(C, lambda c0, c1: _kc.backward_dx(x3, d3, dx3, c0, c1, mu, muz, G1, G2))
+    on_planes(x3, lambda p0, p1: _kc.backward_dx(x3, d3, dx3, p0, p1, mu, muz, G1, G2))
     return dx, d, dg.reshape(g.shape), db.reshape(b.shape), m
 
 

@@ -88,7 +88,7 @@ def bnorm_sum_relu_backward_fixed_moments(x, g, b, z, dz, moments, leak=0):
 
 
 # ---------------------------------------------------------------------------- CPU
-# The (N, C, H*W) views and the per-channel split of bnorm_relu.py.
+# The (N, C, H*W) views and the split of their planes of bnorm_relu.py.
 def _forward_cpu(x, s, g, b, moments, epsilon, leak):
     s3 = plane_view(s, x.dtype)
     return fused_forward_cpu(x, g, b, moments, epsilon, leak,

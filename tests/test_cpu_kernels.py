@@ -72,15 +72,35 @@ def test_bnorm_kernels_match_the_formulas(dtype, tol, offset, given):
     np.testing.assert_array_equal(m, m2)
 
 
-def test_bnorm_kernels_threaded_and_strided_input():
-    """Enough channels for the worker split; a non-Fortran input gives the same result."""
+def test_bnorm_kernels_threaded_and_strided_input(monkeypatch):
+    """The planes split over the workers give the same bits as one thread (per-plane
+    sums, totalled image by image), for the fused kernels too; a non-Fortran input gives
+    the same result."""
+    from pydagnn.layers import bnorm as bnorm_mod
+    from pydagnn.layers.bnorm_relu import bnorm_relu_backward, bnorm_relu_forward
     rng = np.random.default_rng(4)
-    x = rng.standard_normal((9, 8, 33, 5)).astype(np.float32)            # C order
+    x = rng.standard_normal((9, 8, 33, 5)).astype(np.float32) + 3            # C order
+    dy = np.asfortranarray(rng.standard_normal(x.shape).astype(np.float32))
     g, b = rng.standard_normal(33).astype(np.float32), rng.standard_normal(33).astype(np.float32)
-    yc, mc = bnorm_forward(x, g, b)
+
+    def run():
+        y, m = bnorm_forward(x, g, b)
+        z, _ = bnorm_relu_forward(x, g, b)
+        return (y, m, z) + bnorm_backward(x, g, b, dy) + bnorm_relu_backward(x, g, b, z, dy, m)
+    monkeypatch.setattr(bnorm_mod, 'PARALLEL_MIN_ELEMENTS', x.size + 1)   # one thread
+    serial = run()
+    monkeypatch.setattr(bnorm_mod, 'PARALLEL_MIN_ELEMENTS', 0)             # the workers
+    calls = []
+    real = bnorm_mod.parallel_for
+    monkeypatch.setattr(bnorm_mod, 'parallel_for',
+                        lambda fn, n, **kw: calls.append(kw) or real(fn, n, **kw))
+    threaded = run()
+    assert calls and all(kw.get('workers') is None for kw in calls)
+    for a, b_ in zip(serial, threaded):
+        np.testing.assert_array_equal(a, b_)
     yf, mf = bnorm_forward(np.asfortranarray(x), g, b)
-    np.testing.assert_array_equal(yc, yf)
-    np.testing.assert_array_equal(mc, mf)
+    np.testing.assert_array_equal(serial[0], yf)
+    np.testing.assert_array_equal(serial[1], mf)
 
 
 def test_bnorm_nan_propagates():
