@@ -275,7 +275,8 @@ def _conv_backward_cpu(g, dy):
         elif not part:
             part = _im2col_backward_part(g, xT, dxT, dyT3, wm)
         # each part returns its own sums over its images: (dW, db)
-        sums = parallel_for(part, N, uses_blas=blas)
+        sums = parallel_for(part, N, uses_blas=blas,
+                            parts_per_worker=None if blas else _implicit.parts_per_worker(im))
         _sum_parts([pdw for pdw, _ in sums], dwm)
         if db is not None:
             for _, pdb in sums:

@@ -51,7 +51,7 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
            'IMPLICIT_MIN_K_BACKWARD', 'IMPLICIT_STRIDED_MIN_HO', 'IMPLICIT_STRIDED_BACKWARD',
            'IMPLICIT_AVX2_MIN_PIXELS', 'IMPLICIT_STACK_BELOW', 'IMPLICIT_STACK_ROWS',
            'interleave_count', 'forward_interleaved', 'INTERLEAVE_BELOW', 'INTERLEAVE_STRIDE1_BELOW',
-           'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES']
+           'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES', 'ONE_IMAGE_PARTS_PER_WORKER', 'parts_per_worker']
 
 #: the implicit form runs where its grid is at most this many times the output pixels
 #: (the extra rows are computed and dropped) and, for the backward pass, the column
@@ -88,6 +88,13 @@ INTERLEAVE_BELOW = 32
 INTERLEAVE_STRIDE1_BELOW = 16
 INTERLEAVE_COLUMNS = 64
 INTERLEAVE_MAX_BYTES = 8 << 20
+#: parts per worker thread of the implicit forward and backward when a chunk is one
+#: image (maps of 32x32 and larger): the threads take small parts in turn, so that the
+#: one that finishes first waits less for the other at the end of the call (with 2 parts
+#: per thread it waited half a part, ~1/8 of the call, on average). Each thread keeps its
+#: buffers and prepared kernel calls from part to part (:class:`_ThreadState`); a part
+#: costs one filter-derivative sum more in the backward pass.
+ONE_IMAGE_PARTS_PER_WORKER = 8
 
 
 class Implicit:
@@ -243,6 +250,21 @@ class Implicit:
 _NO_BIAS = {'f': np.zeros(0, np.float32), 'd': np.zeros(0, np.float64)}
 
 
+def parts_per_worker(im):
+    """The ``parallel_for`` parts per thread of an implicit call: ONE_IMAGE_PARTS_PER_WORKER
+    when its chunks are single images, else the default (None): stacked chunks are
+    already a worker's part or a half of it (_stack_count)."""
+    return ONE_IMAGE_PARTS_PER_WORKER if im.m == 1 else None
+
+
+class _ThreadState(threading.local):
+    """Per worker thread, for one call: its chunk states (buffers, prepared kernel calls)
+    by chunk size, kept from one of its parts to the next."""
+
+    def __init__(self):
+        self.states = {}
+
+
 def _stack_count(g):
     """Images per implicit GEMM: stride-1 maps under IMPLICIT_STACK_BELOW rows high are
     stacked (up to IMPLICIT_STACK_ROWS output rows), so the dropped rows between output columns
@@ -306,8 +328,10 @@ def forward(g, im, y):
         ypad = np.empty((g.Cout, g.Wo * c.Hph), dtype=g.dtype)
         return [buf, ypad, ypad.reshape(g.Cout, g.Wo, c.Hph), None]
 
+    local = _ThreadState()
+
     def part(a, b, _):
-        states = {}
+        states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
             st = states.get(c.m) or states.setdefault(c.m, chunk_state(c))
@@ -327,7 +351,7 @@ def forward(g, im, y):
                                              a_panels=True, b_offsets=c.boff)
             call(b=src)
             _k.rows_from(grid, y4, n0, c.m, 0, c.step, bias)
-    parallel_for(part, g.N, uses_blas=False)
+    parallel_for(part, g.N, uses_blas=False, parts_per_worker=parts_per_worker(im))
     return True
 
 
@@ -408,10 +432,12 @@ def backward_part(g, im, dxT, dyT3):
         tall = np.empty((Cout, g.Wo, c.Ho), dtype=g.dtype) if c.m > 1 else None
         return [c.phase_buffer(), dyt, tall, list(dx_step(c).buffers()), None]
 
+    local = _ThreadState()
+
     def part(a, b, _):
         pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
-        states = {}
+        states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
             st = states.get(c.m) or states.setdefault(c.m, chunk_state(c))
@@ -422,7 +448,7 @@ def backward_part(g, im, dxT, dyT3):
             if call is None:
                 call = st[4] = kdw.prepare(src, dyt, pdwT, accumulate=True,
                                            a_offsets=c.boff, b_panels=True)
-            call(a=src)
+            call(a=src, c=pdwT)   # this part's sum
             dx_step(c)(d3, dxT, n0, dx_buffers)
         return pdwT.T, pdb
     return part

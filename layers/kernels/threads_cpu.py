@@ -130,9 +130,10 @@ def split(n, parts):
     return out
 
 
-def parallel_for(fn, n, uses_blas=True, workers=None):
+def parallel_for(fn, n, uses_blas=True, workers=None, parts_per_worker=None):
     """Run ``fn(start, stop, part)`` over a split of ``range(n)``; returns the results in
     part order. ``uses_blas``: fn calls BLAS (then it needs the thread-count control).
+    ``parts_per_worker``: the split's parts per thread (default :data:`PARTS_PER_WORKER`).
     See the module docstring for the threading rules."""
     t = min(num_workers() if workers is None else workers, n)
     blas = blas_control() if uses_blas else None
@@ -144,7 +145,7 @@ def parallel_for(fn, n, uses_blas=True, workers=None):
             prev = get()
             set_(1)
         try:
-            bounds = split(n, min(n, t * PARTS_PER_WORKER))
+            bounds = split(n, min(n, t * (parts_per_worker or PARTS_PER_WORKER)))
             results = [None] * len(bounds)
             taken = iter(range(len(bounds)))
             lock = threading.Lock()
