@@ -6,8 +6,7 @@
 * the ReLU kernels (layers/kernels/eltwise_cpu.py): equal to numpy's formula on small and
   threaded maps, NaN and Inf propagated as numpy does, other layouts on numpy;
 * threads_cpu: OpenBLAS at one thread outside the regions, ``PYDAGNN_BLAS_THREADS``
-  checked, ``matmul`` split by rows and by columns equal to ``np.matmul``; the worker
-  pool's regions with and without spinning (``PYDAGNN_SPIN_US``), the busy-wait itself;
+  checked, ``matmul`` split by rows and by columns equal to ``np.matmul``;
 * the batched mixture's chunking of pairs.
 """
 import os
@@ -153,74 +152,6 @@ def test_openblas_is_single_threaded_outside_regions():
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT,
                          env={**env, 'PYDAGNN_BLAS_THREADS': 'many'})
     assert out.returncode != 0 and "PYDAGNN_BLAS_THREADS must be a whole number of threads, got 'many'" in out.stderr
-
-
-def test_spin_wait_sees_another_threads_write_and_times_out():
-    import threading
-    import time
-    from pydagnn.layers.kernels import spin_cpu
-    if not spin_cpu.available():
-        pytest.skip('the busy-wait did not build here')
-    word = np.zeros(1, np.int64)
-    t0 = time.perf_counter()
-    assert spin_cpu.wait_while(word.ctypes.data, 0, True, 0.002) == 0      # nothing wrote
-    assert 0.002 <= time.perf_counter() - t0 < 1.0
-    assert spin_cpu.wait_while(word.ctypes.data, 5, False, 0.002) == 0     # never becomes 5
-    writer = threading.Timer(0.05, lambda: word.__setitem__(0, 7))
-    writer.start()
-    t0 = time.perf_counter()
-    assert spin_cpu.wait_while(word.ctypes.data, 0, True, 5.0) == 7        # returns on the write
-    assert time.perf_counter() - t0 < 4.0
-    writer.join()
-
-
-PARALLEL_FOR_CHECK = r"""
-import threading, time, numpy as np
-from pydagnn.layers.kernels import threads_cpu as t
-assert t.parallel_for(lambda a, b, i: (a, b, i), 10, workers=2) == t.parallel_for(
-    lambda a, b, i: (a, b, i), 10, workers=2, parts_per_worker=2)
-for n in (1, 2, 5, 37):
-    parts = t.parallel_for(lambda a, b, i: list(range(a, b)), n, workers=2, parts_per_worker=8)
-    assert sum(parts, []) == list(range(n)), parts
-seen = set()
-def bad(a, b, i):
-    seen.add(threading.get_ident())
-    time.sleep(0.001)   # lets the worker, woken late, take parts too
-    if i == 2:
-        raise KeyError('part 2')
-for _ in range(50):
-    try:
-        t.parallel_for(bad, 8, workers=2, uses_blas=False)
-    except KeyError as e:
-        assert e.args == ('part 2',)
-    else:
-        raise AssertionError('no error')
-out = np.zeros(1000)
-for k in range(200):   # back-to-back regions, as a training step runs them
-    t.parallel_for(lambda a, b, i: out.__setitem__(slice(a, b), k), 1000, workers=2, uses_blas=False)
-    assert (out == k).all()
-print('ok', len(seen) > 1 or t.num_workers() < 2)
-"""
-
-
-@pytest.mark.parametrize('spin_us', ['0', '200', '5000'])
-def test_parallel_for_with_and_without_spinning(spin_us):
-    """Parts in order and complete, a worker's error raised in the caller, back-to-back
-    regions each seeing the last one's writes: with the workers sleeping at once
-    (PYDAGNN_SPIN_US=0), spinning 200 us and 5 ms between regions."""
-    env = {**os.environ, 'PYDAGNN_SPIN_US': spin_us, 'PYDAGNN_NUM_THREADS': '2'}
-    out = subprocess.run([sys.executable, '-c', PARALLEL_FOR_CHECK], capture_output=True,
-                         text=True, cwd=ROOT, env=env, timeout=120)
-    assert out.returncode == 0 and out.stdout.split() == ['ok', 'True'], out.stderr
-
-
-def test_spin_setting_is_checked():
-    code = 'import pydagnn.layers.kernels.threads_cpu'
-    for bad, why in (('soon', "must be a number of microseconds, got 'soon'"),
-                     ('-5', "must be between 0 and 1000000 microseconds, got '-5'")):
-        out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                             cwd=ROOT, env={**os.environ, 'PYDAGNN_SPIN_US': bad})
-        assert out.returncode != 0 and f'PYDAGNN_SPIN_US {why}' in out.stderr
 
 
 @pytest.mark.parametrize('m,k,n', [(300, 200, 150), (3, 500, 4000), (1, 1, 1)])

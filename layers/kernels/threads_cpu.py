@@ -26,25 +26,17 @@ module's workers: measured on ResNet18-GAP at batch 32, the 3x3 conv backward pa
 follow the prediction GEMM took 22-35 ms instead of 10 ms. Big GEMMs of the layers go
 through :func:`matmul`, which splits them over the workers instead.
 
-The workers are this module's own threads (:class:`_Pool`). Between regions an idle
-worker spins for at most :data:`SPIN_SECONDS` (200 us; ``$PYDAGNN_SPIN_US``) before it
-sleeps, and so does the calling thread waiting for the workers at the end of a region,
-both with the GIL released (:mod:`spin_cpu`): the layers of a step run back to back, and
-waking a sleeping thread cost 100-200 us on the development VM, more than many regions'
-work. An empty region: 140-170 us with a thread pool that sleeps, 15-50 us spinning.
-The spin is bounded, so an idle process stops using the cores within 200 us.
-
 Number of workers: ``$PYDAGNN_NUM_THREADS``, else the CPUs this process may run on.
 """
 import ctypes
 import glob
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from pydagnn.layers.kernels import memory_cpu as _memory
-from pydagnn.layers.kernels import spin_cpu as _spin
 
 # numba's OpenMP workers (used by other layers' parallel kernels) must sleep rather than
 # spin between parallel regions, or they fight the BLAS threads for the cores; libgomp
@@ -55,31 +47,6 @@ os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 #: parts balance the load when other processes take some of the cores; each part costs
 #: a call, and for convolutions a work buffer). ``$PYDAGNN_PARTS_PER_WORKER`` overrides.
 PARTS_PER_WORKER = int(os.environ.get('PYDAGNN_PARTS_PER_WORKER', '2') or 2)
-
-
-
-def _spin_seconds():
-    """``$PYDAGNN_SPIN_US`` (microseconds, 0: no spinning) in seconds, else 200 us."""
-    env = os.environ.get('PYDAGNN_SPIN_US', '').strip()
-    if not env:
-        return 200e-6
-    try:
-        us = float(env)
-    except ValueError:
-        raise ValueError(f'PYDAGNN_SPIN_US must be a number of microseconds, got {env!r}') from None
-    if not 0 <= us <= 1e6:
-        raise ValueError(f'PYDAGNN_SPIN_US must be between 0 and 1000000 microseconds, got {env!r}')
-    return us * 1e-6
-
-
-#: how long an idle worker thread spins for the next region, and the calling thread for
-#: the workers at the end of one, before they sleep (seconds; :mod:`spin_cpu` says why).
-#: The layers of a training step run back to back, most gaps between regions are shorter.
-#: ``$PYDAGNN_SPIN_US`` sets it in microseconds (0: sleep at once, as a thread pool does).
-SPIN_SECONDS = _spin_seconds()
-#: the calling thread spins this much more once the workers are done, while the last of
-#: them goes back to its own spin and releases the GIL (see spin_cpu.wait_while)
-SPIN_TAIL_SECONDS = 5e-6
 
 _state = {'pool': None, 'blas': None}
 _region = threading.Lock()
@@ -141,113 +108,14 @@ def _blas_threads_outside_regions():
         blas[1](n)
 
 
-class _Job:
-    """One region's ``work`` (a function that takes parts until none is left), run by the
-    calling thread and by at most ``helpers`` workers that join it before it closes."""
-
-    def __init__(self, work, helpers):
-        self.work, self.helpers = work, helpers
-        self.lock = threading.Lock()
-        self.joined, self.closed, self.errors = [], False, []
-
-    def join(self, worker):
-        with self.lock:
-            if self.closed or len(self.joined) >= self.helpers:
-                return False
-            self.joined.append(worker)
-            return True
-
-    def close(self):
-        """No more joins: the workers that joined (the caller waits for them)."""
-        with self.lock:
-            self.closed = True
-            return list(self.joined)
-
-
-_CLOSED = _Job(None, 0)
-_CLOSED.close()
-
-
-class _Pool:
-    """``n`` worker threads, each serving one job at a time. ``words[0]`` is the number of
-    the last job handed out, ``words[1 + i]`` the last one worker ``i`` has finished: an
-    idle worker spins on the first (GIL released, at most SPIN_SECONDS), the calling
-    thread on the second, then they sleep on ``cond``, which guards the words and ``job``."""
-
-    def __init__(self, n):
-        self.n = n
-        self.words = np.zeros(1 + n, dtype=np.int64)
-        self.job = None
-        self.cond = threading.Condition()
-        self.spin = SPIN_SECONDS > 0 and _spin.available()
-        for i in range(n):
-            threading.Thread(target=self._serve, args=(i,), daemon=True,
-                             name=f'pydagnn-cpu-{i}').start()
-
-    def _serve(self, i):
-        seen = 0
-        while True:
-            if self.spin:
-                _spin.wait_while(self.words.ctypes.data, seen, True, SPIN_SECONDS)
-            with self.cond:
-                while self.words[0] == seen:
-                    self.cond.wait()
-                seen, job = int(self.words[0]), self.job
-            if job is None:   # shut down
-                return
-            if job.join(i):
-                try:
-                    job.work()
-                except BaseException as e:  # noqa: B902 - given to the caller
-                    job.errors.append(e)
-            job = None   # the region's arrays must not outlive it (nor its closures)
-            with self.cond:
-                self.words[1 + i] = seen
-                self.cond.notify_all()
-
-    def run(self, work, helpers):
-        """``work()`` in the calling thread and in up to ``helpers`` workers; returns when
-        all of them are done (they share buffers), raising the first worker's error."""
-        job = _Job(work, helpers)
-        seq = self._hand_out(job)
-        try:
-            work()
-        finally:
-            for i in job.close():
-                self._wait_done(i, seq)
-            with self.cond:   # a worker still to wake finds a closed job, not this one's arrays
-                if self.job is job:
-                    self.job = _CLOSED
-        if job.errors:
-            raise job.errors[0]
-
-    def shutdown(self):
-        self._hand_out(None)
-
-    def _hand_out(self, job):
-        with self.cond:
-            self.job = job
-            self.words[0] += 1
-            self.cond.notify_all()
-            return int(self.words[0])
-
-    def _wait_done(self, i, seq):
-        if self.spin and self.words[1 + i] != seq:
-            _spin.wait_while(self.words.ctypes.data + 8 * (1 + i), seq, False, SPIN_SECONDS,
-                             SPIN_TAIL_SECONDS)
-        with self.cond:
-            while self.words[1 + i] != seq:
-                self.cond.wait()
-
-
 def _pool(n):
     """The worker threads (created on first use; again after a fork, whose child has none)."""
-    p, pid = _state['pool'] or (None, None)
-    if p is None or p.n < n or pid != os.getpid():
+    p, size, pid = _state['pool'] or (None, 0, None)
+    if p is None or size < n or pid != os.getpid():
         if p is not None and pid == os.getpid():
-            p.shutdown()
-        p = _Pool(n)
-        _state['pool'] = (p, os.getpid())
+            p.shutdown(wait=True)
+        p = ThreadPoolExecutor(max_workers=n, thread_name_prefix='pydagnn-cpu')
+        _state['pool'] = (p, n, os.getpid())
     return p
 
 
@@ -284,14 +152,21 @@ def parallel_for(fn, n, uses_blas=True, workers=None, parts_per_worker=None):
 
             def work():
                 # each thread takes the next part until none is left: a thread that gets
-                # less of its core (another process on it), or starts late, takes fewer
+                # less of its core (another process on it) takes fewer parts
                 while True:
                     with lock:
                         i = next(taken, None)
                     if i is None:
                         return
                     results[i] = fn(bounds[i][0], bounds[i][1], i)
-            _pool(t - 1).run(work, t - 1)
+            futs = [_pool(t - 1).submit(work) for _ in range(t - 1)]
+            try:
+                work()
+            finally:
+                done = [f.exception() for f in futs]   # wait for all: they share buffers
+            for e in done:
+                if e is not None:
+                    raise e
             return results
         finally:
             if blas:
