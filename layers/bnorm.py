@@ -134,7 +134,7 @@ def channel_moments(sums, sqdevs, N, C, HW):
 
 def channel_totals(per_plane, C):
     """The (C,) float64 sums over the images of per-plane sums (N * C,), image by image."""
-    return per_plane.reshape(-1, C).sum(axis=0)
+    return per_plane.reshape(-1, C).sum(axis=0) if C else np.zeros(0)
 
 
 def _batch_stats(x3, epsilon, shape):

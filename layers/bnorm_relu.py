@@ -153,7 +153,7 @@ def _bnorm_relu_forward_cpu(x, g, b, moments, epsilon, leak):
 
 def fused_forward_cpu(x, g, b, moments, epsilon, leak, kernel):
     """The normalisation pass of a fused BN (+ ...) + ReLU: moments, per-channel scale
-    and shift, ReLU slopes, then ``kernel(x3, y3, c0, c1, mu, scale, shift, leaky, spos,
+    and shift, ReLU slopes, then ``kernel(x3, y3, p0, p1, mu, scale, shift, leaky, spos,
     sneg)`` on the planes split over the workers. Returns ``(y, moments)``."""
     C, dt = x.shape[2], x.dtype
     x3 = plane_view(x, dt)
