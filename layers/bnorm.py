@@ -132,6 +132,20 @@ def channel_moments(sums, sqdevs, N, C, HW):
     return mu, (channel_totals(sqdevs, C) + HW * (shift * shift).sum(axis=0)) / M
 
 
+def backward_coefficients(db_planes, dot_planes, g, sigma, M, dt):
+    """The backward formula (module docstring) from the per-plane float64 sums
+    ``db_planes = sum(d)``, ``dot_planes = sum(d * (x - mu))`` (N * C each, M values per
+    channel): ``(db, dg, G1, G2, muz)`` in dtype ``dt``, for ``dx = G1 * (d - muz) - G2 *
+    (x - mu)``; G1 contiguous, for the kernels."""
+    C = sigma.shape[0]
+    M = dt.type(M)
+    db = channel_totals(db_planes, C).astype(dt)
+    dg = channel_totals(dot_planes, C).astype(dt) / sigma
+    G1 = np.ascontiguousarray(_channels(g, C, dt) / sigma)
+    G2 = G1 * dg / (M * sigma)
+    return db, dg, G1, G2, db / M
+
+
 def channel_totals(per_plane, C):
     """The (C,) float64 sums over the images of per-plane sums (N * C,), image by image."""
     return per_plane.reshape(-1, C).sum(axis=0) if C else np.zeros(0)
@@ -206,18 +220,13 @@ def _bnorm_backward_cpu(x, g, b, dy, moments, epsilon):
     x3 = _x3_cpu(x)
     dy3 = _x3_cpu(dy.astype(dt, copy=False))
     mu, sigma, out_moments = _moments_cpu(x3, moments, epsilon, x.shape)
-    M = dy3.shape[0] * dy3.shape[2]
     db64, dot64 = np.empty(dy3.shape[0] * C), np.empty(dy3.shape[0] * C)
     on_planes(x3, lambda p0, p1: _kc.backward_sums(x3, dy3, p0, p1, mu, db64, dot64))
-    db = channel_totals(db64, C).astype(dt)
-    dg = channel_totals(dot64, C).astype(dt) / sigma
-    G1 = _channels(g, C, dt) / sigma
-    G2 = G1 * dg / (dt.type(M) * sigma)
-    muz = db / dt.type(M)
-    # dx = G1 * (dy - muz) - G2 * (x - mu)
+    db, dg, G1, G2, muz = backward_coefficients(db64, dot64, g, sigma,
+                                                dy3.shape[0] * dy3.shape[2], dt)
     dx = np.empty(x.shape, dtype=dt, order='F')
-    dx3, g1 = _ncm(dx), np.ascontiguousarray(G1)
-    on_planes(x3, lambda p0, p1: _kc.backward_dx(x3, dy3, dx3, p0, p1, mu, muz, g1, G2))
+    dx3 = _ncm(dx)
+    on_planes(x3, lambda p0, p1: _kc.backward_dx(x3, dy3, dx3, p0, p1, mu, muz, G1, G2))
     return dx, dg.reshape(g.shape), db.reshape(b.shape), out_moments
 
 

@@ -29,7 +29,7 @@ from pydagnn.backend import is_gpu_array
 from pydagnn.layer import Layer
 from pydagnn.layers._common import as4d, as_scalar, dy_like, first_value, opts_to_dict
 from pydagnn.layers.bnorm import (bnorm_backward, bnorm_backward_fixed_moments, bnorm_forward,
-                                  bnorm_moments, channel_totals, on_planes)
+                                  bnorm_moments, backward_coefficients, on_planes)
 from pydagnn.layers.kernels import bnorm_cpu as _kc
 from pydagnn.layers.relu import relu_backward, relu_forward
 
@@ -127,19 +127,6 @@ def channel_vector(v, C, dt):
     return np.ascontiguousarray(v.reshape(C).astype(dt, copy=False))
 
 
-def bn_backward_coefficients(db64, dot64, g, sigma, M, dt):
-    """bnorm.py's backward formula from the float64 sums ``db64 = sum(d)``, ``dot64 =
-    sum(d * (x - mu))`` of M values per channel: ``(db, dg, G1, G2, muz)`` in dtype ``dt``,
-    for ``dx = G1 * (d - muz) - G2 * (x - mu)``."""
-    C = db64.shape[0]
-    M = dt.type(M)
-    db = db64.astype(dt)
-    dg = dot64.astype(dt) / sigma
-    G1 = channel_vector(g, C, dt) / sigma
-    G2 = G1 * dg / (M * sigma)
-    return db, dg, G1, G2, db / M
-
-
 def moments_derivative(x, mom, m):
     """BatchNorm.backward's "derivative" of the moments param ``m``: the batch moments
     ``mom`` times N (images), in ``m``'s shape."""
@@ -200,9 +187,8 @@ def masked_backward_cpu(x, g, b, y, dy, moments, epsilon, leak):
     db64, dot64 = np.empty(x3.shape[0] * C), np.empty(x3.shape[0] * C)
     on_planes(x3, lambda p0, p1: _kc.backward_sums_masked(x3, y3, dy3, d3, p0, p1, mu,
                                                           spos, sneg, db64, dot64))
-    db, dg, G1, G2, muz = bn_backward_coefficients(channel_totals(db64, C),
-                                                   channel_totals(dot64, C), g, sigma,
-                                                   dy3.shape[0] * dy3.shape[2], dt)
+    db, dg, G1, G2, muz = backward_coefficients(db64, dot64, g, sigma,
+                                                dy3.shape[0] * dy3.shape[2], dt)
     dx = np.empty(x.shape, dtype=dt, order='F')
     dx3 = dx.T.reshape(x3.shape)
     on_planes(x3, lambda p0, p1: _kc.backward_dx(x3, d3, dx3, p0, p1, mu, muz, G1, G2))

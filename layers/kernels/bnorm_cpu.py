@@ -23,8 +23,9 @@ temporaries the size of the map, single-threaded; these take two streaming passe
 
 Sums are accumulated in float64 whatever the map's dtype (more accurate than the
 float32 pairwise sums they replace); the variance is two-pass per plane (its mean first,
-then its squared deviations), the planes combined exactly (:func:`plane_stats`). ``fastmath`` allows only reassociation, so that LLVM vectorises the
-sums; NaN and Inf propagate as without it (the engine's finite checks rely on that).
+then its squared deviations), the planes combined exactly (:func:`plane_stats`).
+``fastmath`` allows only reassociation, so that LLVM vectorises the sums; NaN and Inf
+propagate as without it (the engine's finite checks rely on that).
 
 The inner loops index raveled arrays with unsigned offsets, as in :mod:`im2col_cpu`
 (no negative-index wraparound code, vectorised loops).
