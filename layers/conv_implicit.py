@@ -44,6 +44,7 @@ import numpy as np
 
 from pydagnn.layers.kernels import gemm_cpu as _gemm
 from pydagnn.layers.kernels import im2col_cpu as _k
+from pydagnn.layers.kernels import implicit_cpu as _drv
 from pydagnn.layers.kernels import threads_cpu as _threads
 from pydagnn.layers.kernels.threads_cpu import parallel_for
 
@@ -51,7 +52,8 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
            'IMPLICIT_MIN_K_BACKWARD', 'IMPLICIT_STRIDED_MIN_HO', 'IMPLICIT_STRIDED_BACKWARD',
            'IMPLICIT_AVX2_MIN_PIXELS', 'IMPLICIT_STACK_BELOW', 'IMPLICIT_STACK_ROWS',
            'interleave_count', 'forward_interleaved', 'INTERLEAVE_BELOW', 'INTERLEAVE_STRIDE1_BELOW',
-           'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES', 'ONE_IMAGE_PARTS_PER_WORKER', 'parts_per_worker']
+           'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES', 'ONE_IMAGE_PARTS_PER_WORKER', 'parts_per_worker',
+           'ONE_IMAGE_DRIVERS']
 
 #: the implicit form runs where its grid is at most this many times the output pixels
 #: (the extra rows are computed and dropped) and, for the backward pass, the column
@@ -95,6 +97,11 @@ INTERLEAVE_MAX_BYTES = 8 << 20
 #: buffers and prepared kernel calls from part to part (:class:`_ThreadState`); a part
 #: costs one filter-derivative sum more in the backward pass.
 ONE_IMAGE_PARTS_PER_WORKER = 8
+#: a part of one-image chunks runs as one numba call (:mod:`.kernels.implicit_cpu`: the
+#: loop over its images, their copies and GEMM calls without the GIL) where this is True;
+#: False runs the same steps from Python, image by image (the form the drivers replace,
+#: kept for the tests that compare the two)
+ONE_IMAGE_DRIVERS = True
 
 
 class Implicit:
@@ -248,6 +255,7 @@ class Implicit:
 
 
 _NO_BIAS = {'f': np.zeros(0, np.float32), 'd': np.zeros(0, np.float64)}
+_EMPTY3 = {'f': np.zeros((0, 0, 0), np.float32), 'd': np.zeros((0, 0, 0), np.float64)}
 
 
 def parts_per_worker(im):
@@ -330,7 +338,26 @@ def forward(g, im, y):
 
     local = _ThreadState()
 
+    def driven_part(a, b):   # one-image chunks, the whole part in one numba call
+        st = local.states.get(1) or local.states.setdefault(1, chunk_state(im))
+        if st[3] is None:   # checked once per thread; the driver moves only B and C
+            src = xT[a].reshape(-1) if st[0] is None else st[0].reshape(-1)
+            call = kern1.prepare(filters(kern1), src, yT3[a], a_panels=True, b_offsets=im.boff,
+                                 groups=(g.Wo, g.Ho, im.Hph, g.Ho))
+            st[3] = call, call.addresses()
+        call, args = st[3]
+        if args is None:   # an empty product: the Python loop handles it
+            return False
+        if (g.sx, g.sy) == (1, 1):
+            buf3 = _EMPTY3[g.dtype.char] if st[0] is None else st[0].reshape(g.C, im.Wp, im.Hp)
+            _drv.forward_images(kern1.fn_int, args, xT, a, b, buf3, g.pl, g.pt, yT3, bias)
+        else:
+            _drv.forward_phase_images(kern1.fn_int, args, xT, a, b, st[0], g.pt, g.pl, yT3, bias)
+        return True
+
     def part(a, b, _):
+        if im.m == 1 and ONE_IMAGE_DRIVERS and driven_part(a, b):
+            return
         states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
@@ -338,6 +365,8 @@ def forward(g, im, y):
             buf, ypad, grid, call = st
             src = c.source(buf, xT, n0)
             if c.m == 1:
+                if isinstance(call, tuple):   # prepared by driven_part
+                    call = call[0]
                 if call is None:   # checked once; per image only the arrays move
                     call = st[3] = kern1.prepare(filters(kern1), src, yT3[n0], a_panels=True,
                                                  b_offsets=c.boff,
@@ -433,10 +462,30 @@ def backward_part(g, im, dxT, dyT3):
         return [c.phase_buffer(), dyt, tall, list(dx_step(c).buffers()), None]
 
     local = _ThreadState()
+    dyT4 = dyT3.reshape(g.N, Cout, g.Wo, g.Ho)
+
+    def driven_part(a, b, pdwT):   # stride 1, one-image chunks: one numba call
+        st = local.states.get(1) or local.states.setdefault(1, chunk_state(im))
+        buf, dyt, _, dx_buffers, call = st
+        step = dx_step(im)
+        if call is None:
+            src = xT[a].reshape(-1) if buf is None else buf.reshape(-1)
+            call = st[4] = kdw.prepare(src, dyt, pdwT, accumulate=True, a_offsets=im.boff,
+                                       b_panels=True)
+        dx_call = step.one_image_call(dx_buffers, dxT[a].reshape(g.C, g.W * g.H))
+        args_dw, args_dx = call.addresses(c=pdwT), dx_call.addresses()
+        if args_dw is None or args_dx is None:   # an empty product: the Python loop
+            return False
+        buf3 = _EMPTY3[g.dtype.char] if buf is None else buf.reshape(g.C, im.Wp, im.Hp)
+        _drv.backward_images(kdw.fn_int, args_dw, step.kern.fn_int, args_dx, xT, dyT4, dxT,
+                             a, b, buf3, g.pl, g.pt, dyt, im.Hph, dx_buffers[0], im.dpl, im.dpt)
+        return True
 
     def part(a, b, _):
         pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
+        if im.m == 1 and im.flip_dx and ONE_IMAGE_DRIVERS and driven_part(a, b, pdwT):
+            return pdwT.T, pdb
         states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
@@ -479,6 +528,15 @@ class _flip_dx_step:
                                  a_panels=True, b_offsets=self.table)
         return dypad, call, dxpad.reshape(g.C, g.W, im.Hd)
 
+    def one_image_call(self, bufs, out):
+        """One image: the prepared GEMM from the padded dy of ``bufs`` into ``out`` (an
+        image's dx as (C, W*H)), made on first use; per image only dx moves."""
+        g, im = self.g, self.im
+        if bufs[1] is None:
+            bufs[1] = self.kern.prepare(self.wdp, bufs[0].reshape(-1), out, a_panels=True,
+                                        b_offsets=self.table, groups=(g.W, g.H, im.Hd, g.H))
+        return bufs[1]
+
     def __call__(self, d3, dxT, n0, bufs):
         """dx of the images n0.. of the chunk from their tall dy ``d3``."""
         g, im = self.g, self.im
@@ -486,11 +544,7 @@ class _flip_dx_step:
         _k.rows_into(d3[None], 0, 1, dypad, im.dpl, im.dpt, 0)
         if im.m == 1:
             out = dxT[n0].reshape(g.C, g.W * g.H)
-            if call is None:   # per image only dx moves (made on the first image)
-                call = self.kern.prepare(self.wdp, dypad.reshape(-1), out, a_panels=True,
-                                         b_offsets=self.table, groups=(g.W, g.H, im.Hd, g.H))
-                bufs[1] = call
-            call(c=out)
+            self.one_image_call(bufs, out)(c=out)
             return
         call()
         _k.rows_from(grid, dxT, n0, im.m, 0, im.step, _NO_BIAS[g.dtype.char])

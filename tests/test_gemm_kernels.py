@@ -196,6 +196,65 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
+DRIVER_CASES = [((40, 40, 3, 5), (3, 3, 3, 16), 1, 1, True),     # padded (the input layer)
+                ((34, 36, 4, 3), (3, 3, 4, 8), 0, 1, False),    # unpadded: read in place
+                ((40, 38, 5, 4), (3, 2, 5, 7), [1, 2, 0, 1], 1, True),
+                ((64, 64, 6, 3), (3, 3, 6, 9), 1, 2, True)]     # strided forward
+
+
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('xs,ws,pad,stride,bias', DRIVER_CASES)
+def test_one_image_drivers_match_the_python_loop(monkeypatch, dt, xs, ws, pad, stride, bias):
+    """The numba drivers of one-image chunks (kernels/implicit_cpu.py) run the same
+    kernels in the same order as the Python loop they replace: the same bits, forward
+    and backward, over several parts per thread; and they are the path taken."""
+    rng = np.random.default_rng(sum(xs))
+    x = rng.standard_normal(xs).astype(dt)
+    w = rng.standard_normal(ws).astype(dt)
+    b = rng.standard_normal(ws[3]).astype(dt) if bias else None
+    g = cv._Geom(x, w, b, pad, stride, 1, 'test')
+    im = ci.Implicit.of(g)
+    assert im is not None and im.m == 1
+    monkeypatch.setattr(ci, 'ONE_IMAGE_DRIVERS', False)
+    y0 = cv.conv_forward(x, w, b, pad, stride)
+    dy = rng.standard_normal(y0.shape).astype(dt)
+    r0 = cv.conv_backward(x, w, b, dy, pad, stride)
+    monkeypatch.setattr(ci, 'ONE_IMAGE_DRIVERS', True)
+    calls = []
+    for name in ('forward_images', 'forward_phase_images', 'backward_images'):
+        fn = getattr(ci._drv, name)
+        monkeypatch.setattr(ci._drv, name, lambda *a, _f=fn, _n=name: (calls.append(_n), _f(*a))[1])
+    y1 = cv.conv_forward(x, w, b, pad, stride)
+    r1 = cv.conv_backward(x, w, b, dy, pad, stride)
+    assert ('forward_images' if stride == 1 else 'forward_phase_images') in calls
+    assert ('backward_images' in calls) == (ci.Implicit.of(g, backward=True) is not None)
+    for got, want in zip((y1,) + tuple(r1), (y0,) + tuple(r0)):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.flags.f_contiguous
+        np.testing.assert_array_equal(got, want)
+
+
+def test_prepared_addresses_are_the_call_arguments():
+    """``Prepared.addresses`` is the argument list of the checked call, with the
+    operands given in their slots and the layout checks of a call; None for an empty
+    product."""
+    kern = G.kernel_for(8, 40, np.float32)
+    a, b, c = (np.ones((8, 5), np.float32), np.ones((5, 40), np.float32),
+               np.zeros((8, 40), np.float32))
+    call = kern.prepare(a, b, c)
+    args = call.addresses()
+    assert args.dtype == np.int64 and len(args) == 18
+    assert (args[G.A_SLOT], args[G.B_SLOT], args[G.C_SLOT]) == (
+        a.ctypes.data, b.ctypes.data, c.ctypes.data)
+    c2 = np.zeros_like(c)
+    assert call.addresses(c=c2)[G.C_SLOT] == c2.ctypes.data
+    with pytest.raises(ValueError, match='operand c'):
+        call.addresses(c=np.zeros((8, 41), np.float32)[:, :40])
+    assert kern.prepare(a[:, :0], b[:0], c).addresses() is None
+
+
 def test_implicit_path_is_taken_for_the_resnet_convs():
     """The 3x3 stride-1 convs of ResNet18 at 64x64..16x16 run implicit, backward too, and
     the stride-2 3x3 convs to 32x32 and 16x16 forward, and the 3-channel input layer;

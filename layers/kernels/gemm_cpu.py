@@ -71,6 +71,9 @@ class Kernel:
     def __init__(self, fn, dtype, mr, nv, vw, mode=''):
         self.fn, self.dtype, self.mr, self.nv, self.mode = fn, np.dtype(dtype), mr, nv, mode
         self.nr = nv * vw
+        # the same function with every pointer as an int64 (the same registers on x86-64
+        # and AArch64): numba code calls it so (:mod:`.implicit_cpu`)
+        self.fn_int = INT_PROTO(ctypes.cast(fn, ctypes.c_void_p).value)
 
     def __repr__(self):
         return f'Kernel({self.dtype}, {self.mr}x{self.nr}{", " + self.mode if self.mode else ""})'
@@ -164,6 +167,10 @@ class Kernel:
         return Prepared(self.fn, args, (a, b, c), accumulate, keep=(a_offsets, b_offsets))
 
 
+#: the kernels' C signature with the pointers as int64 (:attr:`Kernel.fn_int`)
+INT_PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_int64] * 17), ctypes.c_int32)
+
+
 def _layout(arr):
     return arr.dtype, arr.shape, arr.strides
 
@@ -181,7 +188,9 @@ class Prepared:
         self.c = arrays[2]
         self._keep = (arrays, keep)   # the tables and the first arrays stay alive
 
-    def __call__(self, a=None, b=None, c=None):
+    def _bound(self, a, b, c):
+        """The argument list with the pointers of the operands given (each checked to
+        have the prepared dtype, shape and strides)."""
         args = self.args
         for i, arr in enumerate((a, b, c)):
             if arr is not None:
@@ -192,6 +201,10 @@ class Prepared:
                 if self.fn is not None:
                     args = args if args is not self.args else list(args)
                     args[self._SLOTS[i]] = arr.ctypes.data
+        return args
+
+    def __call__(self, a=None, b=None, c=None):
+        args = self._bound(a, b, c)
         out = self.c if c is None else c
         if self.fn is None:
             if not self.accumulate:
@@ -199,6 +212,21 @@ class Prepared:
             return out
         self.fn(*args)
         return out
+
+    def addresses(self, a=None, b=None, c=None):
+        """The call's arguments (with the operands given, checked as by a call) as an
+        int64 vector, for numba code that calls :attr:`Kernel.fn_int` with them, moving
+        only the pointers at :data:`A_SLOT`, :data:`B_SLOT`, :data:`C_SLOT` (to operands
+        of the checked layouts: the caller's duty), or None for an empty product (no
+        call to make, see ``__call__``)."""
+        if self.fn is None:
+            return None
+        return np.array([v.value or 0 if isinstance(v, ctypes.c_void_p) else v
+                         for v in self._bound(a, b, c)], dtype=np.int64)
+
+
+#: positions of the A, B and C pointers in :meth:`Prepared.addresses`
+A_SLOT, B_SLOT, C_SLOT = Prepared._SLOTS
 
 
 def _check_table(offsets, run, arr, kern, what):
