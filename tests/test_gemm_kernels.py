@@ -110,6 +110,22 @@ def test_kernel_choice_and_switch(monkeypatch):
     assert ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 'x')) is None
 
 
+@pytest.mark.parametrize('dt', [np.float32, np.float64])
+@pytest.mark.parametrize('shape', [(3, 3, 16, 8), (3, 2, 13, 5), (1, 1, 4, 3), (5, 3, 1, 7)])
+def test_pack_flipped_row_blocks(dt, shape):
+    """The one-pass packing of the flipped filters is the flip + transpose + pack it
+    replaces (Implicit.flipped_filters, then the row blocks), every row-block height
+    (rows past Cin zero)."""
+    w = np.asfortranarray(np.random.default_rng(3).standard_normal(shape).astype(dt))
+    im = ci.Implicit(cv._Geom(np.zeros((8, 8, shape[2], 1), dt), w, None, 0, 1, 1, 't'), 1)
+    for mr in (1, 4, 6, 8, 16):
+        ref = np.zeros((-(-shape[2] // mr), shape[3] * shape[0] * shape[1], mr), dt)
+        K.pack_row_blocks(im.flipped_filters(), ref)
+        got = np.full_like(ref, np.nan)
+        K.pack_flipped_row_blocks(np.ascontiguousarray(w.T), got)
+        np.testing.assert_array_equal(got, ref)
+
+
 def test_pack_grid_transposed():
     rng = np.random.default_rng(4)
     d3 = rng.standard_normal((20, 5, 6)).astype(np.float32)   # (R, Wo, Ho)

@@ -159,6 +159,37 @@ def pack_row_blocks(m, ap):
 
 
 @njit(nogil=True, cache=True)
+def pack_flipped_row_blocks(wT, ap):
+    """The filters ``wT`` (Cout, Cin, FW, FH) (the C-contiguous view of a Fortran filter
+    bank), flipped in both directions and transposed, ``Wd[c, (co * FW + fw) * FH + fh]
+    = wT[co, c, FW-1-fw, FH-1-fh]`` (Cin, Cout * FW * FH), straight into row blocks
+    ``ap`` (blocks, K, MR) as :func:`pack_row_blocks` (one pass instead of a strided
+    copy and a pack: 590 KB of 3x3x128x128 filters took 480 us, most of it numpy's copy
+    through negative strides)."""
+    Cout, Cin, FW, FH = wT.shape
+    T, K, MR = ap.shape
+    s = wT.ravel()
+    d = ap.ravel()
+    zero = ap.dtype.type(0)
+    uMR, uK = _U(MR), _U(K)
+    taps = _U(FW) * _U(FH)
+    for t in range(T):
+        rows = _U(min(MR, Cin - t * MR))
+        do = _U(t) * uK * uMR
+        for co in range(Cout):
+            for fw in range(FW):
+                for fh in range(FH):
+                    k = (_U(co) * _U(FW) + _U(fw)) * _U(FH) + _U(fh)
+                    dk = do + k * uMR
+                    so = _U(FW - 1 - fw) * _U(FH) + _U(FH - 1 - fh)
+                    for r in range(rows):
+                        c = _U(t) * uMR + r
+                        d[dk + r] = s[(_U(co) * _U(Cin) + c) * taps + so]
+                    for r in range(rows, uMR):
+                        d[dk + r] = zero
+
+
+@njit(nogil=True, cache=True)
 def pack_grid_transposed(d3, bp, Hp):
     """Output derivatives of one image, ``d3`` (R, Wo, Ho) C-contiguous, transposed onto
     the padded pixel grid of an implicit convolution: panels ``bp`` (tiles, Q, NR) of the
