@@ -438,8 +438,10 @@ def forward_interleaved(g, m, y):
                             groups=(g.Wo, g.Ho * mc, one.Hph * mc, g.Ho * mc))
         return buf, out, call
 
+    local = _ThreadState()   # each thread's buffers and checked calls, from part to part
+
     def part(a, b, _):
-        states = {}
+        states = local.states
         for n0 in range(a, b, m):
             mc = min(m, b - n0)
             buf, out, call = states.get(mc) or states.setdefault(mc, chunk_state(mc))
