@@ -38,7 +38,9 @@ phase plane is the correlation of the padded ``dy`` with the flipped taps of tha
 phase: one GEMM per phase, each pixel of ``dx`` in exactly one phase (phases no tap
 reads are zero).
 """
+import collections
 import threading
+import weakref
 
 import numpy as np
 
@@ -53,7 +55,7 @@ __all__ = ['Implicit', 'forward', 'backward_part', 'row_blocks', 'IMPLICIT_MAX_P
            'IMPLICIT_AVX2_MIN_PIXELS', 'IMPLICIT_STACK_BELOW', 'IMPLICIT_STACK_ROWS',
            'interleave_count', 'forward_interleaved', 'INTERLEAVE_BELOW', 'INTERLEAVE_STRIDE1_BELOW',
            'INTERLEAVE_COLUMNS', 'INTERLEAVE_MAX_BYTES', 'ONE_IMAGE_PARTS_PER_WORKER', 'parts_per_worker',
-           'ONE_IMAGE_DRIVERS']
+           'ONE_IMAGE_DRIVERS', 'Geometry', 'FORM_CACHE_SIZE', 'clear_forms', 'phase_filters']
 
 #: the implicit form runs where its grid is at most this many times the output pixels
 #: (the extra rows are computed and dropped) and, for the backward pass, the column
@@ -94,7 +96,7 @@ INTERLEAVE_MAX_BYTES = 8 << 20
 #: image (maps of 32x32 and larger): the threads take small parts in turn, so that the
 #: one that finishes first waits less for the other at the end of the call (with 2 parts
 #: per thread it waited half a part, ~1/8 of the call, on average). Each thread keeps its
-#: buffers and prepared kernel calls from part to part (:class:`_ThreadState`); a part
+#: buffers and prepared kernel calls from part to part and call to call; a part
 #: costs one filter-derivative sum more in the backward pass.
 ONE_IMAGE_PARTS_PER_WORKER = 8
 #: a part of one-image chunks runs as one numba call (:mod:`.kernels.implicit_cpu`: the
@@ -104,16 +106,145 @@ ONE_IMAGE_PARTS_PER_WORKER = 8
 ONE_IMAGE_DRIVERS = True
 
 
+#: implicit forms kept from call to call (each with its tables, kernels and, per thread,
+#: its work buffers and checked kernel calls), the least recently used dropped first.
+#: Why: before each call's parallel region its form took 50 us of Python warm and
+#: 300-750 us after a big kernel had swept the caches, and each thread's first part
+#: another 200-900 us to make its buffers and check its kernel calls, holding the GIL
+#: (ResNet18's 8x8x128 backward: the first GEMM started ~1 ms into a 7 ms call).
+FORM_CACHE_SIZE = 64
+#: and no more than this many bytes of work buffers in all (the least recently used
+#: forms dropped first; the one in use is kept whatever its size)
+FORM_CACHE_BYTES = 256 << 20
+
+_forms = collections.OrderedDict()
+_forms_lock = threading.Lock()
+
+
+def clear_forms():
+    """Drop the kept forms (and their work buffers)."""
+    with _forms_lock:
+        _forms.clear()
+
+
+#: False: every call makes its forms anew (nothing kept; to time the difference)
+KEEP_FORMS = True
+
+
+def _kept(key, make):
+    """The kept value for ``key``, else ``make()`` kept (FORM_CACHE_SIZE at most)."""
+    if not KEEP_FORMS:
+        return make()
+    with _forms_lock:
+        if key in _forms:
+            _forms.move_to_end(key)
+            return _forms[key]
+    value = make()
+    with _forms_lock:
+        value = _forms.setdefault(key, value)   # another thread may have made it first
+        _trim(key)
+    return value
+
+
+def _trim(key):
+    """Drop the least recently used forms, not ``key``'s, while there are more than
+    FORM_CACHE_SIZE or their buffers exceed FORM_CACHE_BYTES (``_forms_lock`` held)."""
+    def over():
+        return len(_forms) > FORM_CACHE_SIZE or sum(
+            getattr(f, 'nbytes', 0) for f in _forms.values()) > FORM_CACHE_BYTES
+    while len(_forms) > 1 and over():
+        oldest = next(iter(_forms))
+        if oldest == key:
+            _forms.move_to_end(key)
+            oldest = next(iter(_forms))
+        del _forms[oldest]
+    if len(_forms) > FORM_CACHE_SIZE:   # FORM_CACHE_SIZE 0: keep none
+        _forms.pop(key, None)
+
+
+def _thread_state(form, local, size, make):
+    """This thread's chunk state of ``size`` in ``local`` (made by ``make()`` on first
+    use), its buffers counted in ``form.nbytes``; the forms are trimmed to the budget
+    when a new state is made."""
+    st = local.states.get(size)
+    if st is None:
+        st = local.states.setdefault(size, make())
+        form.add_bytes(_nbytes(st))
+        with _forms_lock:
+            for key, f in _forms.items():
+                if f is form:
+                    _trim(key)
+                    break
+    return st
+
+
+def _nbytes(obj):
+    """Bytes of the arrays an object of lists and tuples holds (views counted once per
+    base)."""
+    seen, total, todo = set(), 0, [obj]
+    while todo:
+        o = todo.pop()
+        if isinstance(o, (list, tuple)):
+            todo.extend(o)
+        elif isinstance(o, np.ndarray):
+            base = o if o.base is None else o.base
+            if isinstance(base, np.ndarray) and id(base) not in seen:
+                seen.add(id(base))
+                total += base.nbytes
+    return total
+
+
+class Geometry:
+    """The shapes and options of a checked call (``conv._Geom``) without its arrays: what
+    a kept form may hold (it must keep no feature map or filter bank alive)."""
+
+    FIELDS = ('dtype', 'H', 'W', 'C', 'N', 'FH', 'FW', 'Cin', 'Cout', 'pt', 'pb', 'pl', 'pr',
+              'sy', 'sx', 'ry', 'rx', 'G', 'fhe', 'fwe', 'Ho', 'Wo', 'P', 'Kg', 'K', 'fc',
+              'pointwise')
+    __slots__ = FIELDS
+
+    def __init__(self, g):
+        for f in self.FIELDS:
+            setattr(self, f, getattr(g, f))
+
+    def key(self):
+        return tuple(getattr(self, f) for f in self.FIELDS)
+
+
+def _settings():
+    """What else decides a form (the tests change some of it)."""
+    return (_gemm.enabled(), _gemm.vector_registers(), _threads.num_workers(),
+            _threads.PARTS_PER_WORKER, IMPLICIT_MAX_PAD_RATIO, IMPLICIT_MIN_K_BACKWARD,
+            IMPLICIT_STRIDED_MIN_HO, IMPLICIT_STRIDED_BACKWARD, IMPLICIT_AVX2_MIN_PIXELS,
+            IMPLICIT_STACK_BELOW, IMPLICIT_STACK_ROWS)
+
+
+class _ThreadState(threading.local):
+    """Per thread, kept from call to call: chunk states (work buffers, checked kernel
+    calls) by chunk size."""
+
+    def __init__(self):
+        self.states = {}
+
+
 class Implicit:
-    """The implicit form of one checked convolution call (a ``conv._Geom``)."""
+    """The implicit form of a convolution geometry (a :class:`Geometry` of a checked call);
+    :meth:`of` keeps one per geometry, with per thread the buffers of its forward
+    (``forward_threads``) and backward (``backward_threads``) parts."""
 
     @classmethod
     def of(cls, g, backward=False):
-        """The form for a checked call, or None where it does not apply or is slower
-        than im2col + OpenBLAS. Measured (ResNet18's layers, batch 32, one and two
+        """The (kept) form for a checked call, or None where it does not apply or is
+        slower than im2col + OpenBLAS. Measured (ResNet18's layers, batch 32, one and two
         cores): stride 1 at 64x64-8x8 (small maps stacked) 1.2-2.3x faster forward and
         backward, the 3-channel input layer too; most strided convolutions are not
         (IMPLICIT_STRIDED_*), nor backward GEMMs of very few rows."""
+        geo = Geometry(g)
+        return _kept(('implicit', backward, geo.key(), _settings()),
+                     lambda: cls._make(geo, backward))
+
+    @classmethod
+    def _make(cls, g, backward):
         if (g.G != 1 or g.fc or g.pointwise or not _gemm.enabled()
                 or g.dtype not in (np.float32, np.float64)
                 or (backward and g.K < IMPLICIT_MIN_K_BACKWARD)):
@@ -130,6 +261,7 @@ class Implicit:
         return im
 
     def __init__(self, g, m=1):
+        g = g if isinstance(g, Geometry) else Geometry(g)
         self.g = g
         sx, sy = g.sx, g.sy
         # m images stacked along H with z zero rows between them: one tall image of
@@ -139,9 +271,10 @@ class Implicit:
         self.step = g.H + self.z   # rows from one image to the next
         self.H = m * self.step - self.z
         self.Ho = g.Ho + (m - 1) * self.step   # stride 1 when m > 1
-        self._chunks = {}   # shorter chunks' forms (not self: no reference cycle, which
-        # would keep the geometry and its arrays alive until the garbage collector runs)
+        self._chunks = {}   # shorter chunks' forms (not self: no reference cycle)
+        self._dx_steps = {}
         self._lock = threading.Lock()
+        self.forward_threads, self.backward_threads = _ThreadState(), _ThreadState()
         self.Wp, self.Hp = g.W + g.pl + g.pr, self.H + g.pt + g.pb
         self.Wph, self.Hph = -(-self.Wp // sx), -(-self.Hp // sy)
         # stride 1 without padding: the image itself is the phase buffer
@@ -156,6 +289,12 @@ class Implicit:
         else:   # per phase: dy padded by the largest tap shift
             self.dpl, self.dpt = (g.FW - 1) * g.rx // sx, (g.FH - 1) * g.ry // sy
             self.Wd, self.Hd = self.Wph + self.dpl, self.Hph + self.dpt
+        self.kernels = {}   # (M, N, mode) -> kernel, chosen once
+        self.nbytes = 0     # the work buffers its threads keep (see _thread_state)
+
+    def add_bytes(self, n):
+        with self._lock:
+            self.nbytes += n
 
     def _forward_table(self):
         """``boff`` (int64, K): the offset of each column-matrix row in the flat phase
@@ -167,6 +306,13 @@ class Implicit:
             + (fh % g.sy)[None, None, :]
         return (phase * plane + (fw // g.sx)[None, :, None] * self.Hph
                 + (fh // g.sy)[None, None, :]).astype(np.int64).ravel()
+
+    def kernel(self, M, N, mode):
+        """The GEMM kernel for an (M, N) product of this form (kept), or None."""
+        key = (M, N, mode)
+        if key not in self.kernels:
+            self.kernels[key] = _gemm.kernel_for(M, N, self.g.dtype, mode=mode)
+        return self.kernels[key]
 
     # ------------------------------------------------------------------ buffers
     def phase_buffer(self):
@@ -187,6 +333,13 @@ class Implicit:
             if m not in self._chunks:
                 self._chunks[m] = Implicit(self.g, m)
             return self._chunks[m]
+
+    def dx_step(self):
+        """This chunk form's input-derivative step (kept; its filters come per call)."""
+        with self._lock:
+            if 'dx' not in self._dx_steps:
+                self._dx_steps['dx'] = _FlipDx(self) if self.flip_dx else _PhaseDx(self)
+            return self._dx_steps['dx']
 
     def source(self, buf, xT, n0):
         """Images ``n0 .. n0+m-1`` of ``xT`` (N, C, W, H) as the flat phase buffer (their
@@ -210,11 +363,11 @@ class Implicit:
         _k.rows_into(dyT3.reshape(g.N, g.Cout, g.Wo, g.Ho), n0, self.m, buf, 0, 0, self.step)
         return buf
 
-    def flipped_filters(self):
-        """Stride 1: ``Wd`` (Cin, Cout * FW * FH), ``Wd[c, (co * FW + fw) * FH + fh] =
-        w[FH-1-fh, FW-1-fw, c, co]``."""
+    def flipped_filters(self, w):
+        """Stride 1: the filters ``w`` (FH, FW, Cin, Cout) as ``Wd`` (Cin, Cout * FW * FH),
+        ``Wd[c, (co * FW + fw) * FH + fh] = w[FH-1-fh, FW-1-fw, c, co]``."""
         g = self.g
-        wT = g.w.T   # (Cout, Cin, FW, FH)
+        wT = w.T   # (Cout, Cin, FW, FH)
         return np.ascontiguousarray(wT.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]).reshape(
             g.Cin, g.Cout * g.FW * g.FH)
 
@@ -228,13 +381,11 @@ class Implicit:
         return table, (g.W - 1) * self.Hd + self.H
 
     def phases(self):
-        """Any stride: per phase (a, b) with taps, ``(a, b, Ap, table, u0, nu, v0, nv)``:
-        ``Ap`` (Cin, Cout * taps) the phase's filters, ``table`` the offsets of its rows
-        in the padded dy (Cout, Wd, Hd), and the phase-plane columns ``u0 .. u0+nu`` and
-        rows ``v0 .. v0+nv`` that hold image pixels (the GEMM's output grid, of column
-        stride Hd)."""
+        """Any stride: per phase (a, b) with taps, ``(a, b, fws, fhs, table, u0, nu, v0,
+        nv)``: the phase's filter taps, the offsets of its rows in the padded dy (Cout, Wd,
+        Hd), and the phase-plane columns ``u0 .. u0+nu`` and rows ``v0 .. v0+nv`` that
+        hold image pixels (the GEMM's output grid, of column stride Hd)."""
         g = self.g
-        wT = g.w.T   # (Cout, Cin, FW, FH)
         out = []
         for a in range(g.sx):
             fws = [f for f in range(g.FW) if f * g.rx % g.sx == a]
@@ -244,14 +395,19 @@ class Implicit:
                 v0, v1 = _image_range(b, g.pt, g.sy, g.H, self.Hph)
                 if not fws or not fhs or u1 <= u0 or v1 <= v0:
                     continue
-                ap = np.ascontiguousarray(wT[:, :, fws][:, :, :, fhs].transpose(1, 0, 2, 3))
                 du = self.dpl - np.array(fws) * g.rx // g.sx
                 dv = self.dpt - np.array(fhs) * g.ry // g.sy
                 table = (np.arange(g.Cout, dtype=np.int64)[:, None, None] * (self.Wd * self.Hd)
                          + (du[None, :, None] + u0) * self.Hd + (dv[None, None, :] + v0)).ravel()
-                out.append((a, b, ap.reshape(g.Cin, -1), table.astype(np.int64),
-                            u0, u1 - u0, v0, v1 - v0))
+                out.append((a, b, fws, fhs, table.astype(np.int64), u0, u1 - u0, v0, v1 - v0))
         return out
+
+
+def phase_filters(w, fws, fhs):
+    """The filters ``w`` (FH, FW, Cin, Cout) of one phase's taps as (Cin, Cout * taps)."""
+    wT = w.T   # (Cout, Cin, FW, FH)
+    ap = np.ascontiguousarray(wT[:, :, fws][:, :, :, fhs].transpose(1, 0, 2, 3))
+    return ap.reshape(ap.shape[0], -1)
 
 
 _NO_BIAS = {'f': np.zeros(0, np.float32), 'd': np.zeros(0, np.float64)}
@@ -263,14 +419,6 @@ def parts_per_worker(im):
     when its chunks are single images, else the default (None): stacked chunks are
     already a worker's part or a half of it (_stack_count)."""
     return ONE_IMAGE_PARTS_PER_WORKER if im.m == 1 else None
-
-
-class _ThreadState(threading.local):
-    """Per worker thread, for one call: its chunk states (buffers, prepared kernel calls)
-    by chunk size, kept from one of its parts to the next."""
-
-    def __init__(self):
-        self.states = {}
 
 
 def _stack_count(g):
@@ -303,14 +451,46 @@ def row_blocks(kern, m):
     return ap
 
 
-def flipped_row_blocks(kern, w):
-    """The filters ``w`` (FH, FW, Cin, Cout) flipped and transposed as
-    :meth:`Implicit.flipped_filters` gives them, packed as the kernel's row blocks in
-    one pass (the strided copy and the pack took 2-4x longer)."""
-    FH, FW, Cin, Cout = w.shape
-    ap = np.empty(kern.a_panel_shape(Cin, Cout * FW * FH), dtype=w.dtype)
-    _k.pack_flipped_row_blocks(np.ascontiguousarray(w.T), ap)
-    return ap
+class _Packed:
+    """A call's filters packed as row blocks, per kernel row count, on first use (by
+    whichever thread asks first; the others wait)."""
+
+    def __init__(self, matrix):
+        self.matrix, self.blocks, self.lock = matrix, {}, threading.Lock()
+
+    def __call__(self, kern):
+        with self.lock:
+            if kern.mr not in self.blocks:
+                self.blocks[kern.mr] = self.pack(kern)
+            return self.blocks[kern.mr]
+
+    def pack(self, kern):
+        return row_blocks(kern, self.matrix())
+
+    def warm(self, kern):
+        """Pack for ``kern`` now unless another thread is at it (then go on: it will be
+        ready, or waited for, at the first use)."""
+        if self.lock.acquire(blocking=False):
+            try:
+                if kern.mr not in self.blocks:
+                    self.blocks[kern.mr] = self.pack(kern)
+            finally:
+                self.lock.release()
+
+
+class _FlippedPacked(_Packed):
+    """The flipped and transposed filters of a stride-1 input derivative (see
+    :meth:`Implicit.flipped_filters`), packed per kernel on first use in one pass."""
+
+    def __init__(self, w):
+        super().__init__(None)
+        self.w = w
+
+    def pack(self, kern):
+        FH, FW, Cin, Cout = self.w.shape
+        ap = np.empty(kern.a_panel_shape(Cin, Cout * FW * FH), dtype=self.w.dtype)
+        _k.pack_flipped_row_blocks(np.ascontiguousarray(self.w.T), ap)
+        return ap
 
 
 # --------------------------------------------------------------------------- forward
@@ -321,74 +501,61 @@ def forward(g, im, y):
     A chunk of one image writes straight into ``y``: the kernel's column groups (one
     per output column, see :meth:`gemm_cpu.Kernel.prepare`) skip the grid's dropped rows
     without computing them. A stacked chunk computes its tall grid and copies the
-    images out (their output columns are too short for groups)."""
-    kern1 = _gemm.kernel_for(g.Cout, g.Ho, g.dtype, mode='btab')
+    images out (their output columns are too short for groups). Each thread's buffers
+    and checked kernel calls are kept in ``im`` for the next call."""
+    kern1 = im.kernel(g.Cout, g.Ho, 'btab')
     if kern1 is None:
         return False
-    kernm = _gemm.kernel_for(g.Cout, im.ncols, g.dtype, mode='btab') if im.m > 1 else kern1
-    packed, lock = {}, threading.Lock()
-
-    def filters(kern):   # packed on first use: kern1 serves only chunks of one image
-        with lock:
-            if kern.mr not in packed:
-                packed[kern.mr] = row_blocks(kern, g.wmat())
-            return packed[kern.mr]
+    kernm = im.kernel(g.Cout, im.ncols, 'btab') if im.m > 1 else kern1
+    filters = _Packed(g.wmat)
     xT = g.x.T
     yT3 = y.T.reshape(g.N, g.Cout, g.P)
     y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
     bias = _NO_BIAS[g.dtype.char] if g.b is None else g.b
-    bcol = None if g.b is None else g.b[:, None]
+    local = im.forward_threads
 
-    def chunk_state(c):
+    def chunk_state(c, n0):
+        """[buffer, ypad, its grid view, the checked call (detached)] of chunk form c."""
         buf = c.phase_buffer()
+        src = xT[n0].reshape(-1) if buf is None else buf.reshape(-1)
         if c.m == 1:
-            return [buf, None, None, None]
+            call = kern1.prepare(filters(kern1), src, yT3[n0], a_panels=True, b_offsets=c.boff,
+                                 groups=(g.Wo, g.Ho, c.Hph, g.Ho))
+            return [buf, None, None, call.detach()]
         ypad = np.empty((g.Cout, g.Wo * c.Hph), dtype=g.dtype)
-        return [buf, ypad, ypad.reshape(g.Cout, g.Wo, c.Hph), None]
+        call = kernm.prepare(filters(kernm), src, ypad[:, :c.ncols], a_panels=True,
+                             b_offsets=c.boff)
+        return [buf, ypad, ypad.reshape(g.Cout, g.Wo, c.Hph), call.detach()]
 
-    local = _ThreadState()
+    def state(c, n0):
+        return _thread_state(im, local, c.m, lambda: chunk_state(c, n0))
 
     def driven_part(a, b):   # one-image chunks, the whole part in one numba call
-        st = local.states.get(1) or local.states.setdefault(1, chunk_state(im))
-        if st[3] is None:   # checked once per thread; the driver moves only B and C
-            src = xT[a].reshape(-1) if st[0] is None else st[0].reshape(-1)
-            call = kern1.prepare(filters(kern1), src, yT3[a], a_panels=True, b_offsets=im.boff,
-                                 groups=(g.Wo, g.Ho, im.Hph, g.Ho))
-            st[3] = call, call.addresses()
-        call, args = st[3]
+        buf, _, _, call = state(im, a)
+        src = xT[a].reshape(-1) if buf is None else buf.reshape(-1)
+        args = call.addresses(a=filters(kern1), b=src, c=yT3[a])
         if args is None:   # an empty product: the Python loop handles it
             return False
         if (g.sx, g.sy) == (1, 1):
-            buf3 = _EMPTY3[g.dtype.char] if st[0] is None else st[0].reshape(g.C, im.Wp, im.Hp)
+            buf3 = _EMPTY3[g.dtype.char] if buf is None else buf.reshape(g.C, im.Wp, im.Hp)
             _drv.forward_images(kern1.fn_int, args, xT, a, b, buf3, g.pl, g.pt, yT3, bias)
         else:
-            _drv.forward_phase_images(kern1.fn_int, args, xT, a, b, st[0], g.pt, g.pl, yT3, bias)
+            _drv.forward_phase_images(kern1.fn_int, args, xT, a, b, buf, g.pt, g.pl, yT3, bias)
         return True
 
     def part(a, b, _):
         if im.m == 1 and ONE_IMAGE_DRIVERS and driven_part(a, b):
             return
-        states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
-            st = states.get(c.m) or states.setdefault(c.m, chunk_state(c))
-            buf, ypad, grid, call = st
+            buf, ypad, grid, call = state(c, n0)
             src = c.source(buf, xT, n0)
             if c.m == 1:
-                if isinstance(call, tuple):   # prepared by driven_part
-                    call = call[0]
-                if call is None:   # checked once; per image only the arrays move
-                    call = st[3] = kern1.prepare(filters(kern1), src, yT3[n0], a_panels=True,
-                                                 b_offsets=c.boff,
-                                                 groups=(g.Wo, g.Ho, c.Hph, g.Ho))
-                call(b=src, c=yT3[n0])
-                if bcol is not None:
-                    yT3[n0] += bcol
+                call(a=filters(kern1), b=src, c=yT3[n0])
+                if g.b is not None:
+                    yT3[n0] += g.b[:, None]
                 continue
-            if call is None:
-                call = st[3] = kernm.prepare(filters(kernm), src, ypad[:, :c.ncols],
-                                             a_panels=True, b_offsets=c.boff)
-            call(b=src)
+            call(a=filters(kernm), b=src, c=ypad[:, :c.ncols])
             _k.rows_from(grid, y4, n0, c.m, 0, c.step, bias)
     parallel_for(part, g.N, uses_blas=False, parts_per_worker=parts_per_worker(im))
     return True
@@ -420,15 +587,18 @@ def forward_interleaved(g, m, y):
     m images is one contiguous run of ``Ho * m`` grid entries per tap: the kernel's
     column groups (one per output column) compute exactly the output pixels, with full
     tiles even for 8x8 maps, any stride (the stacked form computes the rows between
-    images and, strided, runs groups of Ho columns). False when no kernel is available."""
-    kern = _gemm.kernel_for(g.Cout, g.Ho * m, g.dtype, mode='btab')
+    images and, strided, runs groups of Ho columns). False when no kernel is available.
+    The one-image grid, the kernel and each thread's buffers are kept for the next call."""
+    geo = Geometry(g)
+    one = _kept(('interleaved', m, geo.key(), _settings()), lambda: Implicit(geo, 1))
+    kern = one.kernel(g.Cout, g.Ho * m, 'btab')
     if kern is None:
         return False
-    one = Implicit(g, 1)              # the one-image phase grid and its tap offsets
     packed = row_blocks(kern, g.wmat())
     xT = g.x.T
     y4 = y.T.reshape(g.N, g.Cout, g.Wo, g.Ho)
     bias = _NO_BIAS[g.dtype.char] if g.b is None else g.b
+    local = one.forward_threads
 
     def chunk_state(mc):
         buf = np.empty((g.C, g.sx, g.sy, one.Wph, one.Hph, mc), dtype=g.dtype)
@@ -436,17 +606,14 @@ def forward_interleaved(g, m, y):
         call = kern.prepare(packed, buf.reshape(-1), out.reshape(g.Cout, -1), a_panels=True,
                             b_offsets=one.boff * mc,
                             groups=(g.Wo, g.Ho * mc, one.Hph * mc, g.Ho * mc))
-        return buf, out, call
-
-    local = _ThreadState()   # each thread's buffers and checked calls, from part to part
+        return buf, out, call.detach()
 
     def part(a, b, _):
-        states = local.states
         for n0 in range(a, b, m):
             mc = min(m, b - n0)
-            buf, out, call = states.get(mc) or states.setdefault(mc, chunk_state(mc))
+            buf, out, call = _thread_state(one, local, mc, lambda: chunk_state(mc))
             _k.to_phases_interleaved(xT, n0, buf, g.pt, g.pl)
-            call()
+            call(a=packed, b=buf.reshape(-1), c=out.reshape(g.Cout, -1))
             _k.from_interleaved(out, y4, n0, bias)
     parallel_for(part, g.N, uses_blas=False)
     return True
@@ -455,158 +622,161 @@ def forward_interleaved(g, m, y):
 # --------------------------------------------------------------------------- backward
 def backward_part(g, im, dxT, dyT3):
     """The per-images part for ``conv``'s backward loop (returns ``(dW, db)`` sums of its
-    images, dx written), or None when no kernel is available."""
-    kdw = _gemm.kernel_for(g.K, g.Cout, g.dtype, mode='atab')
+    images, dx written), or None when no kernel is available. Each thread's buffers and
+    checked kernel calls are kept in ``im`` for the next call."""
+    kdw = im.kernel(g.K, g.Cout, 'atab')
     if kdw is None:
         return None
-    steps, lock, packed = {}, threading.Lock(), {}
+    w = g.w
+    dx_filters = {}   # per chunk form: its step's filters for this call (packed on first use)
+    lock = threading.Lock()
 
-    def dx_step(c, wait=True):
-        """Per chunk size, made on first use (by whichever thread) and shared; with
-        ``wait`` False, made now unless another thread is at it (then None)."""
-        if not lock.acquire(blocking=wait):
-            return None
-        try:
-            if c.m not in steps:
-                steps[c.m] = _flip_dx_step(g, c, packed) if c.flip_dx else _phase_dx_step(g, c)
-            return steps[c.m]
-        finally:
-            lock.release()
+    def dx_step(c):
+        step = c.dx_step()
+        with lock:
+            if c.m not in dx_filters:
+                dx_filters[c.m] = step.filters(w)
+            return step, dx_filters[c.m]
     xT, Cout = g.x.T, g.Cout
+    dyT4 = dyT3.reshape(g.N, Cout, g.Wo, g.Ho)
+    local = im.backward_threads
 
-    def chunk_state(c):
+    def chunk_state(c, n0, pdwT):
+        """[buffer, dy panels, tall dy, dx buffers, the dW call (detached)]."""
+        buf = c.phase_buffer()
         dyt = np.empty(kdw.panel_shape(c.ncols, Cout), dtype=g.dtype)
         tall = np.empty((Cout, g.Wo, c.Ho), dtype=g.dtype) if c.m > 1 else None
-        return [c.phase_buffer(), dyt, tall, list(dx_step(c).buffers()), None]
+        src = xT[n0].reshape(-1) if buf is None else buf.reshape(-1)
+        call = kdw.prepare(src, dyt, pdwT, accumulate=True, a_offsets=c.boff, b_panels=True)
+        step, filters = dx_step(c)
+        return [buf, dyt, tall, step.buffers(filters, dxT, n0), call.detach()]
 
-    local = _ThreadState()
-    dyT4 = dyT3.reshape(g.N, Cout, g.Wo, g.Ho)
+    def state(c, n0, pdwT):
+        return _thread_state(im, local, c.m, lambda: chunk_state(c, n0, pdwT))
 
     def driven_part(a, b, pdwT):   # stride 1, one-image chunks: one numba call
-        st = local.states.get(1) or local.states.setdefault(1, chunk_state(im))
-        buf, dyt, _, dx_buffers, call = st
-        step = dx_step(im)
-        if call is None:
-            src = xT[a].reshape(-1) if buf is None else buf.reshape(-1)
-            call = st[4] = kdw.prepare(src, dyt, pdwT, accumulate=True, a_offsets=im.boff,
-                                       b_panels=True)
-        dx_call = step.one_image_call(dx_buffers, dxT[a].reshape(g.C, g.W * g.H))
-        args_dw, args_dx = call.addresses(c=pdwT), dx_call.addresses()
+        buf, dyt, _, dx_buffers, call = state(im, a, pdwT)
+        step, filters = dx_step(im)
+        src = xT[a].reshape(-1) if buf is None else buf.reshape(-1)
+        dypad, dx_call, _ = dx_buffers
+        args_dw = call.addresses(a=src, b=dyt, c=pdwT)
+        args_dx = dx_call.addresses(a=filters(step.kern), b=dypad.reshape(-1),
+                                    c=dxT[a].reshape(g.C, g.W * g.H))
         if args_dw is None or args_dx is None:   # an empty product: the Python loop
             return False
         buf3 = _EMPTY3[g.dtype.char] if buf is None else buf.reshape(g.C, im.Wp, im.Hp)
         _drv.backward_images(kdw.fn_int, args_dw, step.kern.fn_int, args_dx, xT, dyT4, dxT,
-                             a, b, buf3, g.pl, g.pt, dyt, im.Hph, dx_buffers[0], im.dpl, im.dpt)
+                             a, b, buf3, g.pl, g.pt, dyt, im.Hph, dypad, im.dpl, im.dpt)
         return True
 
     def part(a, b, _):
         pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
-        # the first thread here makes the dx step (packs its filters) while the others
-        # start their first filter derivative; else all reach their first dx together
-        # and wait for it (ResNet18's 8x8x128 backward: 250-430 us)
-        dx_step(im, wait=False)
+        step, filters = dx_step(im)
+        if isinstance(filters, _Packed) and step.kern is not None:
+            # the first thread here packs them while the others start their first filter
+            # derivative (else all reach their first dx together and wait for the packing)
+            filters.warm(step.kern)
         if im.m == 1 and im.flip_dx and ONE_IMAGE_DRIVERS and driven_part(a, b, pdwT):
             return pdwT.T, pdb
-        states = local.states
         for n0 in range(a, b, im.m):
             c = im.chunk(min(im.m, b - n0))
-            st = states.get(c.m) or states.setdefault(c.m, chunk_state(c))
-            buf, dyt, tall, dx_buffers, call = st
+            buf, dyt, tall, dx_buffers, call = state(c, n0, pdwT)
             d3 = c.tall_dy(tall, dyT3, n0)
             _k.pack_grid_transposed(d3, dyt, c.Hph)
             src = c.source(buf, xT, n0)
-            if call is None:
-                call = st[4] = kdw.prepare(src, dyt, pdwT, accumulate=True,
-                                           a_offsets=c.boff, b_panels=True)
-            call(a=src, c=pdwT)   # this part's sum
-            dx_step(c)(d3, dxT, n0, dx_buffers)
+            call(a=src, b=dyt, c=pdwT)   # this part's sum
+            step, filters = dx_step(c)
+            step(filters, d3, dxT, n0, dx_buffers)
         return pdwT.T, pdb
     return part
 
 
-class _flip_dx_step:
+class _FlipDx:
     """Stride 1: ``dx`` of a chunk of images as one GEMM of the flipped filters on the
     padded dy: written straight into ``dx`` by column groups for one image, through the
-    tall grid for a stacked chunk (as the forward)."""
+    tall grid for a stacked chunk (as the forward). Kept with its chunk form; the
+    filters come per call (:meth:`filters`)."""
 
-    def __init__(self, g, im, packed):
-        """``packed``: {MR: flipped filters as row blocks}, shared by the chunk sizes."""
-        self.g, self.im = g, im
+    def __init__(self, im):
+        g = im.g
+        # a proxy: the form keeps its step, and no cycle keeps the form
+        self.g, self.im = g, weakref.proxy(im)
         self.table, self.ncols = im.flipped_table()
-        self.kern = _gemm.kernel_for(g.Cin, g.H if im.m == 1 else self.ncols, g.dtype,
-                                     mode='btab')
-        if self.kern.mr not in packed:
-            packed[self.kern.mr] = flipped_row_blocks(self.kern, g.w)
-        self.wdp = packed[self.kern.mr]
+        self.kern = im.kernel(g.Cin, g.H if im.m == 1 else self.ncols, 'btab')
 
-    def buffers(self):
+    def filters(self, w):
+        """This call's flipped filters, packed for the step's kernel on first use."""
+        return _FlippedPacked(w)
+
+    def buffers(self, filters, dxT, n0):
+        """[padded dy, the detached call, the dx grid (stacked chunks)] of one thread."""
         g, im = self.g, self.im
         dypad = np.empty((g.Cout, im.Wd, im.Hd), dtype=g.dtype)   # rows_into writes it all
         if im.m == 1:
-            return dypad, None, None
+            call = self.kern.prepare(filters(self.kern), dypad.reshape(-1),
+                                     dxT[n0].reshape(g.C, g.W * g.H), a_panels=True,
+                                     b_offsets=self.table, groups=(g.W, g.H, im.Hd, g.H))
+            return [dypad, call.detach(), None]
         dxpad = np.empty((g.C, g.W * im.Hd), dtype=g.dtype)
-        call = self.kern.prepare(self.wdp, dypad.reshape(-1), dxpad[:, :self.ncols],
+        call = self.kern.prepare(filters(self.kern), dypad.reshape(-1), dxpad[:, :self.ncols],
                                  a_panels=True, b_offsets=self.table)
-        return dypad, call, dxpad.reshape(g.C, g.W, im.Hd)
+        return [dypad, call.detach(), dxpad]
 
-    def one_image_call(self, bufs, out):
-        """One image: the prepared GEMM from the padded dy of ``bufs`` into ``out`` (an
-        image's dx as (C, W*H)), made on first use; per image only dx moves."""
-        g, im = self.g, self.im
-        if bufs[1] is None:
-            bufs[1] = self.kern.prepare(self.wdp, bufs[0].reshape(-1), out, a_panels=True,
-                                        b_offsets=self.table, groups=(g.W, g.H, im.Hd, g.H))
-        return bufs[1]
-
-    def __call__(self, d3, dxT, n0, bufs):
+    def __call__(self, filters, d3, dxT, n0, bufs):
         """dx of the images n0.. of the chunk from their tall dy ``d3``."""
         g, im = self.g, self.im
-        dypad, call, grid = bufs
+        dypad, call, dxpad = bufs
         _k.rows_into(d3[None], 0, 1, dypad, im.dpl, im.dpt, 0)
         if im.m == 1:
-            out = dxT[n0].reshape(g.C, g.W * g.H)
-            self.one_image_call(bufs, out)(c=out)
+            call(a=filters(self.kern), b=dypad.reshape(-1), c=dxT[n0].reshape(g.C, g.W * g.H))
             return
-        call()
-        _k.rows_from(grid, dxT, n0, im.m, 0, im.step, _NO_BIAS[g.dtype.char])
+        call(a=filters(self.kern), b=dypad.reshape(-1), c=dxpad[:, :self.ncols])
+        _k.rows_from(dxpad.reshape(g.C, g.W, im.Hd), dxT, n0, im.m, 0, im.step,
+                     _NO_BIAS[g.dtype.char])
 
 
-class _phase_dx_step:
+class _PhaseDx:
     """Any stride: ``dx`` of one image as one GEMM per phase of the padded input (never
-    stacked: _stack_count)."""
+    stacked: _stack_count). Kept with its form; the phase filters come per call."""
 
-    def __init__(self, g, im):
-        self.g, self.im = g, im
+    def __init__(self, im):
+        g = im.g
+        # a proxy: the form keeps its step, and no cycle keeps the form
+        self.g, self.im = g, weakref.proxy(im)
         self.steps = []
-        for a, b, ap, table, u0, nu, v0, nv in im.phases():
+        for a, b, fws, fhs, table, u0, nu, v0, nv in im.phases():
             ncols = (nu - 1) * im.Hd + nv
-            kern = _gemm.kernel_for(g.Cin, ncols, g.dtype, mode='btab')
-            self.steps.append((a, b, kern, row_blocks(kern, ap), table, u0, nu, v0, nv, ncols))
-        covered = sum(step[6] * step[8] for step in self.steps)   # nu * nv
+            kern = im.kernel(g.Cin, ncols, 'btab')
+            self.steps.append((a, b, fws, fhs, kern, table, u0, nu, v0, nv, ncols))
+        covered = sum(step[7] * step[9] for step in self.steps)   # nu * nv
         self.complete = covered == g.W * g.H   # else some pixels are read by no tap: zero
+        self.kern = None
 
-    def buffers(self):
+    def filters(self, w):
+        """This call's per-phase filters, packed (a list in the order of the steps)."""
+        return [row_blocks(kern, phase_filters(w, fws, fhs))
+                for _, _, fws, fhs, kern, *_ in self.steps]
+
+    def buffers(self, filters, dxT, n0):
         g, im = self.g, self.im
         dypad = np.zeros((g.Cout, im.Wd, im.Hd), dtype=g.dtype)
         dph = np.empty(g.C * im.Wph * im.Hd, dtype=g.dtype)
         calls = []
-        for a, b, kern, ap, table, u0, nu, v0, nv, ncols in self.steps:
+        for (a, b, _, _, kern, table, u0, nu, v0, nv, ncols), ap in zip(self.steps, filters):
             out = dph[:g.C * nu * im.Hd].reshape(g.C, nu * im.Hd)
             calls.append((kern.prepare(ap, dypad.reshape(-1), out[:, :ncols], a_panels=True,
-                                       b_offsets=table),
-                          out, u0 * g.sx + a - g.pl, v0 * g.sy + b - g.pt, nu, nv))
+                                       b_offsets=table).detach(),
+                          out, ncols, u0 * g.sx + a - g.pl, v0 * g.sy + b - g.pt, nu, nv))
         return dypad, calls
 
-    def __call__(self, d3, dxT, n0, bufs):
+    def __call__(self, filters, d3, dxT, n0, bufs):
         g, im = self.g, self.im
         dx_img = dxT[n0]
         dypad, calls = bufs
         dypad[:, im.dpl:im.dpl + g.Wo, im.dpt:im.dpt + g.Ho] = d3
         if not self.complete:
             dx_img[...] = 0
-        for call, out, x0, y0, nu, nv in calls:
-            call()
+        for (call, out, ncols, x0, y0, nu, nv), ap in zip(calls, filters):
+            call(a=ap, b=dypad.reshape(-1), c=out[:, :ncols])
             _k.from_phase(out, dx_img, x0, y0, g.sx, g.sy, nu, nv)
-
-

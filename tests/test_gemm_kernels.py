@@ -114,13 +114,13 @@ def test_kernel_choice_and_switch(monkeypatch):
 @pytest.mark.parametrize('shape', [(3, 3, 16, 8), (3, 2, 13, 5), (1, 1, 4, 3), (5, 3, 1, 7)])
 def test_pack_flipped_row_blocks(dt, shape):
     """The one-pass packing of the flipped filters is the flip + transpose + pack it
-    replaces (Implicit.flipped_filters, then the row blocks), every row-block height
-    (rows past Cin zero)."""
+    replaces, every row-block height (rows past Cin zero)."""
     w = np.asfortranarray(np.random.default_rng(3).standard_normal(shape).astype(dt))
-    im = ci.Implicit(cv._Geom(np.zeros((8, 8, shape[2], 1), dt), w, None, 0, 1, 1, 't'), 1)
+    g = cv._Geom(np.zeros((8, 8, shape[2], 1), dt), w, None, 0, 1, 1, 't')
+    im = ci.Implicit(g, 1)
     for mr in (1, 4, 6, 8, 16):
         ref = np.zeros((-(-shape[2] // mr), shape[3] * shape[0] * shape[1], mr), dt)
-        K.pack_row_blocks(im.flipped_filters(), ref)
+        K.pack_row_blocks(im.flipped_filters(w), ref)
         got = np.full_like(ref, np.nan)
         K.pack_flipped_row_blocks(np.ascontiguousarray(w.T), got)
         np.testing.assert_array_equal(got, ref)
@@ -186,6 +186,12 @@ def test_implicit_conv_matches_im2col_path(monkeypatch, dt, xs, ws, pad, stride,
     dy = rng.standard_normal(y0.shape).astype(dt)
     r0 = cv.conv_backward(x, w, b, dy, pad, stride, dil)
     monkeypatch.setenv('PYDAGNN_CONV_GEMM', '')
+    # a call on other arrays of the same shapes first: the kept form's buffers and
+    # checked kernel calls must serve the next call's arrays, not point at these
+    other = [rng.standard_normal(a.shape).astype(dt) for a in (x, w, b, dy)]
+    cv.conv_backward(other[0], other[1], other[2], other[3], pad, stride, dil)
+    cv.conv_forward(other[0], other[1], other[2], pad, stride, dil)
+    del other
     calls = {'fwd': 0, 'bwd': 0, 'il': 0}
     fwd, bwd, fil = ci.forward, ci.backward_part, ci.forward_interleaved
     monkeypatch.setattr(ci, 'forward',
@@ -387,26 +393,92 @@ def test_column_groups(dt):
             k.run(ap, base, C[:, :-1], a_panels=True, b_offsets=offs, groups=(G_, N, gsb, gsc))
 
 
-@pytest.mark.parametrize('H', [64, 8])   # one-image chunks, stacked chunks
-def test_implicit_conv_keeps_no_reference_cycle(H):
-    """A convolution call leaves nothing that keeps its input alive until the garbage
-    collector runs (a cycle through the implicit form once held every layer input of a
-    training step: 100 MB more peak memory on ResNet18-GAP)."""
+@pytest.mark.parametrize('H,pad,stride', [(64, 1, 1), (8, 1, 1), (34, 0, 1), (32, 1, 2),
+                                          (16, 1, 2)])   # one image, stacked, in place, strided, interleaved
+def test_implicit_conv_keeps_no_array_alive(H, pad, stride):
+    """A convolution call leaves nothing that keeps its arrays alive: no reference cycle
+    (one through the implicit form once held every layer input of a training step until
+    the garbage collector ran: 100 MB more peak memory on ResNet18-GAP), and the forms
+    kept for the next call (their buffers and checked kernel calls) hold no input,
+    filters, output or derivative."""
     import gc
     import weakref
     rng = np.random.default_rng(9)
     x = np.asfortranarray(rng.standard_normal((H, H, 16, 8)).astype(np.float32))
     w = np.asfortranarray(rng.standard_normal((3, 3, 16, 16)).astype(np.float32))
-    assert ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 't'), backward=True) is not None
+    g = cv._Geom(x, w, None, pad, stride, 1, 't')
+    assert ci.Implicit.of(g) is not None or ci.interleave_count(g) > 1
     gc.disable()
     try:
-        y = cv.conv_forward(x, w, None, 1, 1)
-        cv.conv_backward(x, w, None, np.ones_like(y, order='F'), 1, 1)
-        ref = weakref.ref(x)
-        del x
+        y = cv.conv_forward(x, w, None, pad, stride)
+        dy = np.ones_like(y, order='F')
+        dx, dw, _ = cv.conv_backward(x, w, None, dy, pad, stride)
+        refs = [weakref.ref(a) for a in (x, w, y, dy, dx, dw)]
+        del x, w, y, dy, dx, dw, g
+        assert [r() is None for r in refs] == [True] * 6
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_dropped_forms_are_freed_at_once(monkeypatch, stride):
+    """A form dropped from the kept ones (with its input-derivative step, buffers and
+    checked calls, made by a backward pass) is freed without the garbage collector: no
+    reference cycle keeps its buffers."""
+    import gc
+    import weakref
+    monkeypatch.setattr(ci, 'IMPLICIT_STRIDED_BACKWARD', True)
+    rng = np.random.default_rng(2)
+    x = np.asfortranarray(rng.standard_normal((40, 40, 8, 4)).astype(np.float32))
+    w = np.asfortranarray(rng.standard_normal((3, 3, 8, 8)).astype(np.float32))
+    im = ci.Implicit.of(cv._Geom(x, w, None, 1, stride, 1, 't'), backward=True)
+    assert im is not None
+    y = cv.conv_forward(x, w, None, 1, stride)
+    cv.conv_backward(x, w, None, np.ones_like(y, order='F'), 1, stride)
+    assert im._dx_steps   # the backward made and kept its step
+    ref = weakref.ref(im)
+    del im
+    gc.disable()
+    try:
+        ci.clear_forms()
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_implicit_forms_are_kept_and_bounded(monkeypatch):
+    """One kept form per geometry (the same object from call to call), a new one when a
+    setting that decides it changes, and no more than FORM_CACHE_SIZE of them."""
+    x = np.zeros((16, 16, 8, 4), np.float32)
+    w = np.zeros((3, 3, 8, 8), np.float32)
+    of = lambda H: ci.Implicit.of(cv._Geom(np.zeros((H, H, 8, 4), np.float32), w, None, 1, 1, 1, 't'))  # noqa: E731
+    im = ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 't'))
+    assert im is not None and of(16) is im
+    assert ci.Implicit.of(cv._Geom(x, w, None, 1, 1, 1, 't'), backward=True) is not im
+    monkeypatch.setattr(ci, 'IMPLICIT_STACK_ROWS', 32)
+    assert of(16) is not im
+    monkeypatch.setattr(ci, 'FORM_CACHE_SIZE', 3)
+    for H in (17, 18, 19, 20):
+        of(H)
+    assert len(ci._forms) == 3
+    ci.clear_forms()
+    assert not ci._forms
+    # and a byte budget: the buffers the threads keep are counted, the oldest forms
+    # dropped past it, never the one in use
+    monkeypatch.setattr(ci, 'FORM_CACHE_SIZE', 64)
+    rng = np.random.default_rng(1)
+    w8 = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
+    for H in (30, 31):
+        cv.conv_forward(rng.standard_normal((H, H, 8, 4)).astype(np.float32), w8, None, 1, 1)
+    forms = list(ci._forms.values())
+    assert len(forms) == 2 and all(f.nbytes >= 8 * 32 * 32 * 4 for f in forms)
+    monkeypatch.setattr(ci, 'FORM_CACHE_BYTES', forms[1].nbytes + 1)
+    cv.conv_forward(rng.standard_normal((32, 32, 8, 4)).astype(np.float32), w8, None, 1, 1)
+    assert forms[0] not in ci._forms.values() and len(ci._forms) <= 2
+    monkeypatch.setattr(ci, 'FORM_CACHE_BYTES', 0)
+    y = cv.conv_forward(rng.standard_normal((33, 33, 8, 4)).astype(np.float32), w8, None, 1, 1)
+    assert len(ci._forms) == 1 and y.shape == (33, 33, 8, 4)
+    ci.clear_forms()
 
 
 def test_keep_freed_memory_switch(monkeypatch):

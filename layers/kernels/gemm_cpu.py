@@ -187,10 +187,22 @@ class Prepared:
         self.layouts = [_layout(x) for x in arrays]
         self.c = arrays[2]
         self._keep = (arrays, keep)   # the tables and the first arrays stay alive
+        self.detached = False
+
+    def detach(self):
+        """Drop the operands of the checked call (keep only their layouts and the offset
+        tables), so that a call kept from one convolution call to the next keeps no
+        feature map alive; every later call must then give all three operands.
+        Returns self."""
+        self._keep = (None, self._keep[1])
+        self.c, self.detached = None, True
+        return self
 
     def _bound(self, a, b, c):
         """The argument list with the pointers of the operands given (each checked to
         have the prepared dtype, shape and strides)."""
+        if self.detached and (a is None or b is None or c is None):
+            raise ValueError('gemm kernel call: a detached call needs all of a, b, c')
         args = self.args
         for i, arr in enumerate((a, b, c)):
             if arr is not None:
