@@ -37,6 +37,11 @@ padding at most the dilated filter size minus one). Any stride (or larger paddin
 phase plane is the correlation of the padded ``dy`` with the flipped taps of that
 phase: one GEMM per phase, each pixel of ``dx`` in exactly one phase (phases no tap
 reads are zero).
+
+Kept from call to call: a geometry's form (:meth:`Implicit.of`: tables, kernels) and, per
+thread, its work buffers and checked kernel calls (detached: they hold no operand), within
+FORM_CACHE_SIZE forms and FORM_CACHE_BYTES of buffers. Per call only the filters are packed
+again. A part of one-image chunks runs as one numba call (:mod:`.kernels.implicit_cpu`).
 """
 import collections
 import threading
