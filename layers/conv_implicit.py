@@ -147,6 +147,8 @@ def _kept(key, make):
     value = make()
     with _forms_lock:
         value = _forms.setdefault(key, value)   # another thread may have made it first
+        if value is not None:
+            value.cache_key = key
         _trim(key)
     return value
 
@@ -176,10 +178,8 @@ def _thread_state(form, local, size, make):
         st = local.states.setdefault(size, make())
         form.add_bytes(_nbytes(st))
         with _forms_lock:
-            for key, f in _forms.items():
-                if f is form:
-                    _trim(key)
-                    break
+            if _forms.get(form.cache_key) is form:
+                _trim(form.cache_key)
     return st
 
 
@@ -277,7 +277,7 @@ class Implicit:
         self.H = m * self.step - self.z
         self.Ho = g.Ho + (m - 1) * self.step   # stride 1 when m > 1
         self._chunks = {}   # shorter chunks' forms (not self: no reference cycle)
-        self._dx_steps = {}
+        self._dx_step = None   # made by dx_step on first use
         self._lock = threading.Lock()
         self.forward_threads, self.backward_threads = _ThreadState(), _ThreadState()
         self.Wp, self.Hp = g.W + g.pl + g.pr, self.H + g.pt + g.pb
@@ -296,6 +296,7 @@ class Implicit:
             self.Wd, self.Hd = self.Wph + self.dpl, self.Hph + self.dpt
         self.kernels = {}   # (M, N, mode) -> kernel, chosen once
         self.nbytes = 0     # the work buffers its threads keep (see _thread_state)
+        self.cache_key = None   # its key among the kept forms (_kept)
 
     def add_bytes(self, n):
         with self._lock:
@@ -342,9 +343,9 @@ class Implicit:
     def dx_step(self):
         """This chunk form's input-derivative step (kept; its filters come per call)."""
         with self._lock:
-            if 'dx' not in self._dx_steps:
-                self._dx_steps['dx'] = _FlipDx(self) if self.flip_dx else _PhaseDx(self)
-            return self._dx_steps['dx']
+            if self._dx_step is None:
+                self._dx_step = _FlipDx(self) if self.flip_dx else _PhaseDx(self)
+            return self._dx_step
 
     def source(self, buf, xT, n0):
         """Images ``n0 .. n0+m-1`` of ``xT`` (N, C, W, H) as the flat phase buffer (their
@@ -465,22 +466,24 @@ class _Packed:
 
     def __call__(self, kern):
         with self.lock:
-            if kern.mr not in self.blocks:
-                self.blocks[kern.mr] = self.pack(kern)
-            return self.blocks[kern.mr]
-
-    def pack(self, kern):
-        return row_blocks(kern, self.matrix())
+            return self._packed(kern)
 
     def warm(self, kern):
         """Pack for ``kern`` now unless another thread is at it (then go on: it will be
         ready, or waited for, at the first use)."""
         if self.lock.acquire(blocking=False):
             try:
-                if kern.mr not in self.blocks:
-                    self.blocks[kern.mr] = self.pack(kern)
+                self._packed(kern)
             finally:
                 self.lock.release()
+
+    def _packed(self, kern):   # self.lock held
+        if kern.mr not in self.blocks:
+            self.blocks[kern.mr] = self.pack(kern)
+        return self.blocks[kern.mr]
+
+    def pack(self, kern):
+        return row_blocks(kern, self.matrix())
 
 
 class _FlippedPacked(_Packed):
@@ -678,7 +681,7 @@ def backward_part(g, im, dxT, dyT3):
         pdwT = np.zeros((g.K, Cout), dtype=g.dtype)
         pdb = None if g.b is None else dyT3[a:b].sum(axis=(0, 2))
         step, filters = dx_step(im)
-        if isinstance(filters, _Packed) and step.kern is not None:
+        if isinstance(filters, _Packed):   # the flipped filters (not the per-phase list)
             # the first thread here packs them while the others start their first filter
             # derivative (else all reach their first dx together and wait for the packing)
             filters.warm(step.kern)
@@ -756,7 +759,6 @@ class _PhaseDx:
             self.steps.append((a, b, fws, fhs, kern, table, u0, nu, v0, nv, ncols))
         covered = sum(step[7] * step[9] for step in self.steps)   # nu * nv
         self.complete = covered == g.W * g.H   # else some pixels are read by no tap: zero
-        self.kern = None
 
     def filters(self, w):
         """This call's per-phase filters, packed (a list in the order of the steps)."""

@@ -435,7 +435,7 @@ def test_dropped_forms_are_freed_at_once(monkeypatch, stride):
     assert im is not None
     y = cv.conv_forward(x, w, None, 1, stride)
     cv.conv_backward(x, w, None, np.ones_like(y, order='F'), 1, stride)
-    assert im._dx_steps   # the backward made and kept its step
+    assert im._dx_step is not None   # the backward made and kept its step
     ref = weakref.ref(im)
     del im
     gc.disable()

@@ -15,10 +15,8 @@ same work buffers, and images of one C-contiguous batch).
 import numpy as np
 from numba import njit
 
+from pydagnn.layers.kernels.gemm_cpu import A_SLOT as _A, B_SLOT as _B, C_SLOT as _C
 from pydagnn.layers.kernels.im2col_cpu import pack_grid_transposed, rows_into, to_phases
-
-# the pointer slots of gemm_cpu.Prepared.addresses (A, B, C)
-_A, _B, _C = 0, 5, 9
 
 
 @njit(nogil=True, cache=True)
